@@ -1,0 +1,267 @@
+"""Per-group packet state of the userspace data path: the inbound SAD, the outbound SA,
+the selector checks and the counters. No sockets, no trio: the relay, the TUN reader,
+the raw/encap wires and ``GroupSocket`` all go through one ``GroupEngine``.
+
+Two wire formats:
+
+* ``encap`` (RFC 3948 ESP-in-UDP): the UDP payload is ESP header .. ICV. In tunnel mode
+  the protected data is the application's whole IP/UDP packet (address preservation,
+  RFC 5374: inner src = the sender, inner dst = the group); in transport mode it is the
+  UDP header and payload (next header 17), and the receiver takes the addresses from
+  the outer packet.
+* ``raw``: a whole IP packet carrying ESP or AH (protocols 50/51), built and opened by
+  ``groupsec.ipsec.packet``.
+
+``PlainEngine`` has the same interface with protection switched off. It exists for one
+purpose: the same-run baseline of ``groupsec bench datapath``.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Literal
+
+from agent.datapath.base import GroupInstall
+from groupsec.errors import BadPacket, GroupSecError, LocalProtocolError, PacketDropped
+from groupsec.ipsec import ip as ipmod
+from groupsec.ipsec import udpencap
+from groupsec.ipsec.params import SAParams
+from groupsec.ipsec.policy import GroupPolicy
+from groupsec.ipsec.sa import SecurityAssociation
+from groupsec.ipsec.sad import SAD
+
+Wire = Literal["encap", "raw"]
+# (inner IP packet, its UDP payload, the parsed inner header; None from PlainEngine)
+Opened = tuple[Any, Any, "ipmod.IPInfo | None"]
+
+_SPI = struct.Struct("!I")
+_PORTS = struct.Struct("!HH")
+_PROTO_IPV4 = 4
+_PROTO_IPV6 = 41
+_PROTO_UDP = 17
+
+
+class ReceiveOnly(LocalProtocolError):
+    """This member has no outbound SA for the group: it may receive but not send.
+    (With group keys this is a policy refusal, not protection against forgery.)"""
+
+    reason = "receive-only"
+
+
+class PlaintextForGroup(PacketDropped):
+    """Unprotected traffic reached a protected group (fail closed: dropped and counted)."""
+
+    reason = "plaintext"
+
+
+class Keepalive(PacketDropped):
+    """An RFC 3948 NAT keepalive: nothing to deliver."""
+
+    reason = "keepalive"
+
+
+class NotForGroup(PacketDropped):
+    """A decrypted or outgoing packet does not match the group's selectors."""
+
+    reason = "selector"
+
+
+class GroupEngine:
+    """The protected state of one group (level). ``now`` is any monotonic clock in seconds."""
+
+    protected = True
+
+    def __init__(self, install: GroupInstall, wire: Wire, src_address: str, now: float) -> None:
+        self.policy: GroupPolicy = install.policy
+        self.wire: Wire = wire
+        self.src_address = src_address  # the outer/inner source this member sends from
+        self._dst = ipmod.canonical(self.policy.dst)
+        self._version = 4 if len(ipmod.addr_to_bytes(self.policy.dst)) == 4 else 6
+        self._tunnel_nh = _PROTO_IPV4 if self._version == 4 else _PROTO_IPV6
+        self.sad = SAD()
+        self.inbound: dict[int, SecurityAssociation] = {}
+        self.outbound: SecurityAssociation | None = None
+        self.drops: dict[str, int] = {}
+        self.tx_packets = self.tx_bytes = self.rx_packets = self.rx_bytes = 0
+        self.apply(install, now)
+
+    # --- control ---------------------------------------------------------------------
+
+    def apply(self, install: GroupInstall, now: float) -> None:
+        """Reconcile with ``install``: unchanged SAs keep their replay windows and sequence numbers."""
+        if install.policy.key != self.policy.key or install.policy.dst != self.policy.dst:
+            raise LocalProtocolError("an install for another group (or group address) was applied to this engine")
+        self.policy = install.policy
+        wanted: dict[int, SAParams] = {}
+        for p in install.inbound:
+            if p.dst != self.policy.dst:
+                raise LocalProtocolError(f"inbound SA {p.spi:#x} is for {p.dst}, not {self.policy.dst}")
+            wanted[p.spi] = p
+        for spi, sa in list(self.inbound.items()):
+            if wanted.get(spi) != sa.params:
+                self.sad.remove(spi, self._dst, sa.params.src)
+                del self.inbound[spi]
+        for spi, p in wanted.items():
+            if spi not in self.inbound:
+                sa = SecurityAssociation(p, "in", now)
+                self.sad.add(sa)
+                self.inbound[spi] = sa
+        out = install.outbound
+        if out is None:
+            self.outbound = None
+        elif self.outbound is None or self.outbound.params != out:
+            if out.dst != self.policy.dst:
+                raise LocalProtocolError(f"outbound SA {out.spi:#x} is for {out.dst}, not {self.policy.dst}")
+            self.outbound = SecurityAssociation(out, "out", now)
+
+    def _drop(self, reason: str) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+
+    def count_drop(self, exc: GroupSecError) -> None:
+        self._drop(exc.reason)
+
+    # --- outbound ----------------------------------------------------------------------
+
+    def _out(self) -> SecurityAssociation:
+        sa = self.outbound
+        if sa is None:
+            raise ReceiveOnly(f"group {self.policy.group!r}: this member is receive-only (no outbound SA)")
+        return sa
+
+    def seal_payload(self, payload: bytes | memoryview, sport: int, dport: int, now: float) -> bytes:
+        """Protect an application's UDP payload (from the relay or a GroupSocket)."""
+        sa = self._out()
+        pkt = ipmod.build_udp_packet(self.src_address, self.policy.dst, sport, dport, bytes(payload))
+        data = self._seal_ip(sa, pkt, now)
+        self.tx_packets += 1
+        self.tx_bytes += len(payload)
+        return data
+
+    def seal_packet(self, pkt: bytes, now: float) -> bytes:
+        """Protect a real IP packet (read from the TUN device)."""
+        sa = self._out()
+        info = ipmod.parse_ip_untrusted(pkt)
+        if info.dst != self._dst or not self._selector_ok(info.proto, info.dport):
+            raise NotForGroup("packet does not match the group's selectors")
+        if sa.params.mode == "transport" and self.wire == "encap":
+            if info.proto != _PROTO_UDP or info.fragment:
+                raise NotForGroup("transport-mode ESP-in-UDP carries unfragmented UDP only")
+            data = sa.seal_esp(_PROTO_UDP, info.payload, now)
+        else:
+            data = self._seal_ip(sa, pkt, now)
+        self.tx_packets += 1
+        self.tx_bytes += len(pkt)
+        return data
+
+    def _seal_ip(self, sa: SecurityAssociation, pkt: bytes, now: float) -> bytes:
+        if self.wire == "raw":
+            from groupsec.ipsec import packet as pktmod
+
+            return pktmod.protect(sa, pkt, now)
+        if sa.params.mode == "tunnel":
+            return sa.seal_esp(self._tunnel_nh, pkt, now)
+        return sa.seal_esp(_PROTO_UDP, pkt[20 if self._version == 4 else 40:], now)  # our own UDP packet
+
+    # --- inbound -----------------------------------------------------------------------
+
+    def _selector_ok(self, proto: int, dport: int | None) -> bool:
+        pol = self.policy
+        if pol.ip_proto is not None and proto != pol.ip_proto:
+            return False
+        return pol.port is None or dport == pol.port
+
+    def open_encap_untrusted(self, data: bytes | memoryview, outer_src: str, now: float) -> Opened:
+        """Open one ESP-in-UDP datagram. Returns (inner IP packet, UDP payload, parsed header).
+
+        Raises a ``PacketDropped`` (counted by the caller through ``count_drop``).
+        """
+        kind = udpencap.classify_untrusted(data)
+        if kind != "esp":
+            if kind == "keepalive":
+                raise Keepalive("NAT keepalive")
+            raise PlaintextForGroup("non-ESP datagram on the encapsulation port")
+        spi = _SPI.unpack_from(data, 0)[0]
+        sa = self.sad.lookup(spi, self._dst, outer_src)
+        nh, inner, _sender = sa.open_esp_untrusted(data, now)
+        if sa.params.mode == "tunnel":
+            if nh != self._tunnel_nh:
+                raise NotForGroup(f"tunnel SA carried next header {nh}")
+            pkt = bytes(inner)
+        elif nh == _PROTO_UDP:
+            pkt = self._udp_from_segment(outer_src, bytes(inner))
+        else:
+            raise NotForGroup(f"transport-mode ESP-in-UDP carried next header {nh}, not UDP")
+        return self._check_inner(pkt)
+
+    def _udp_from_segment(self, src: str, seg: bytes) -> bytes:
+        if len(seg) < 8:
+            raise BadPacket("truncated UDP header")
+        sport, dport = _PORTS.unpack_from(seg, 0)
+        return ipmod.build_udp_packet(src, self.policy.dst, sport, dport, seg[8:])
+
+    def open_raw_untrusted(self, pkt: bytes | memoryview, now: float) -> Opened:
+        """Open one ESP/AH IP packet (from a raw socket)."""
+        from groupsec.ipsec import packet as pktmod  # (TEMP until packet.py lands)
+
+        inner, _sa = pktmod.unprotect_untrusted(self.sad, bytes(pkt), now)
+        return self._check_inner(bytes(inner))
+
+    def _check_inner(self, pkt: bytes) -> Opened:
+        """RFC 4301 s5.2 step 4: the decrypted packet must match the SA's selectors."""
+        info = ipmod.parse_ip_untrusted(pkt)
+        if info.dst != self._dst or not self._selector_ok(info.proto, info.dport):
+            raise NotForGroup("decrypted packet does not match the group's selectors")
+        self.rx_packets += 1
+        self.rx_bytes += len(pkt)
+        return pkt, info.udp_payload if info.udp_payload is not None else info.payload, info
+
+    def check_plaintext(self, proto: int, dport: int | None) -> bool:
+        """True when an unprotected packet to the group would match its selectors."""
+        return self._selector_ok(proto, dport)
+
+    # --- statistics --------------------------------------------------------------------
+
+    def statistics(self) -> dict[str, Any]:
+        sas = []
+        for sa in [*self.inbound.values(), *([self.outbound] if self.outbound else [])]:
+            p = sa.params
+            sas.append({"spi": p.spi, "direction": sa.direction, "protocol": p.protocol, "suite": p.suite,
+                        "mode": p.mode, "sender": p.src, "sender_id": p.sender_id, **sa.statistics()})
+        return {"group": self.policy.group, "level": self.policy.level, "dst": self.policy.dst,
+                "wire": self.wire, "protected": True, "sender": self.outbound is not None,
+                "tx_packets": self.tx_packets, "tx_bytes": self.tx_bytes,
+                "rx_packets": self.rx_packets, "rx_bytes": self.rx_bytes,
+                "drops": dict(self.drops), "sas": sas}
+
+
+class PlainEngine:
+    """The same interface with no protection: the plaintext relay baseline of the benchmark.
+    Never used for a real group."""
+
+    protected = False
+    wire: Wire = "encap"
+
+    def __init__(self, policy: GroupPolicy, src_address: str) -> None:
+        self.policy = policy
+        self.src_address = src_address
+        self.drops: dict[str, int] = {}
+        self.tx_packets = self.tx_bytes = self.rx_packets = self.rx_bytes = 0
+        self.outbound = True
+
+    def count_drop(self, exc: GroupSecError) -> None:
+        self.drops[exc.reason] = self.drops.get(exc.reason, 0) + 1
+
+    def seal_payload(self, payload: bytes | memoryview, sport: int, dport: int, now: float) -> bytes | memoryview:
+        self.tx_packets += 1
+        self.tx_bytes += len(payload)
+        return payload
+
+    def open_encap_untrusted(self, data: bytes | memoryview, outer_src: str, now: float) -> Opened:
+        self.rx_packets += 1
+        self.rx_bytes += len(data)
+        return data, data, None
+
+    def statistics(self) -> dict[str, Any]:
+        return {"group": self.policy.group, "level": self.policy.level, "dst": self.policy.dst, "wire": "plain",
+                "protected": False, "tx_packets": self.tx_packets, "tx_bytes": self.tx_bytes,
+                "rx_packets": self.rx_packets, "rx_bytes": self.rx_bytes, "drops": dict(self.drops), "sas": []}
