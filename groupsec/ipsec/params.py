@@ -43,11 +43,11 @@ class Lifetime:
                 raise PolicyError(f"soft {name} lifetime {soft} is above the hard one {hard}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__slots__}  # type: ignore[attr-defined]
+        return {k: getattr(self, k) for k in self.__slots__}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Lifetime:
-        return cls(**{k: d[k] for k in cls.__slots__ if k in d})  # type: ignore[attr-defined]
+        return cls(**{k: d[k] for k in cls.__slots__ if k in d})
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,13 +128,13 @@ class SAParams:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only (for msgpack and the store). Contains key material: never log it."""
-        d = {k: getattr(self, k) for k in self.__slots__ if k != "lifetime"}  # type: ignore[attr-defined]
+        d = {k: getattr(self, k) for k in self.__slots__ if k != "lifetime"}
         d["lifetime"] = self.lifetime.to_dict()
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SAParams:
-        kw = {k: d[k] for k in cls.__slots__ if k in d and k != "lifetime"}  # type: ignore[attr-defined]
+        kw = {k: d[k] for k in cls.__slots__ if k in d and k != "lifetime"}
         kw["lifetime"] = Lifetime.from_dict(d.get("lifetime") or {})
         return cls(**kw)
 

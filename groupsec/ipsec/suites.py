@@ -49,7 +49,7 @@ class Suite:
 
 
 def _esp(name: str, kind: Kind, enc: int, auth: int, iv: int, icv: int, block: int, **kw: str | None) -> Suite:
-    return Suite(name, "esp", kind, enc, auth, iv, icv, block, kind in ("aead", "gmac"), **kw)  # type: ignore[arg-type]
+    return Suite(name, "esp", kind, enc, auth, iv, icv, block, kind in ("aead", "gmac"), **kw)
 
 
 SUITES: dict[str, Suite] = {
