@@ -97,7 +97,12 @@ class SAParams:
             raise PolicyError("ESN is not supported")
         if len(self.enc_key) != suite.enc_key_len:
             raise PolicyError(f"{suite.name}: encryption key must be {suite.enc_key_len} bytes, got {len(self.enc_key)}")
-        if len(self.auth_key) != suite.auth_key_len:
+        # RFC 4868 keys are exactly the hash output; HMAC (RFC 2104) and Linux also take longer keys up to
+        # the hash block size (the kernel vectors use a 64-byte key for HMAC-SHA-384-192), so accept those.
+        max_auth = {"sha256": 64, "sha384": 128, "sha512": 128}.get(suite.hash_name or "", suite.auth_key_len)
+        if not suite.auth_key_len <= len(self.auth_key) <= max(max_auth, suite.auth_key_len) or (
+            suite.auth_key_len == 0 and self.auth_key
+        ):
             raise PolicyError(f"{suite.name}: integrity key must be {suite.auth_key_len} bytes, got {len(self.auth_key)}")
         if suite.protocol == "esp" and suite.icv_len == 0:
             raise PolicyError("encryption-only ESP is refused: use an AEAD or an integrity transform")
