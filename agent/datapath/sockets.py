@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from groupsec.errors import ConfigError
 
 IP_MULTICAST_ALL = 49
+IP_PKTINFO = 8
 IP_ADD_SOURCE_MEMBERSHIP = 39
 IPV6_MULTICAST_ALL = 29
 MCAST_JOIN_SOURCE_GROUP = 46

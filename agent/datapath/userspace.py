@@ -103,9 +103,12 @@ class _Group:
             gs._deliver(pkt, payload, info)
 
     def close(self) -> None:
+        """Stop the group's tasks; they close the sockets once they no longer wait on them."""
         self.scope.cancel()
         for gs in list(self.sockets):
             gs.close()
+
+    def close_sockets(self) -> None:
         for obj in (self.wire, self.relay, self.guard):
             if obj is not None:
                 obj.close()
@@ -143,9 +146,9 @@ class UserspaceDatapath:
                 task_status.started(self)
                 await trio.sleep_forever()
         finally:
-            self._nursery = None
             for key in list(self._groups):
                 self.remove_group(key)
+            self._nursery = None
             if self.raw is not None:
                 self.raw.close()
                 self.raw = None
@@ -270,20 +273,24 @@ class UserspaceDatapath:
             if g.wire is None and self.raw is not None:
                 self.raw.remove_group(engine)
             g.close()
+            g.close_sockets()
             raise
         self._groups[pol.key] = g
         self._nursery.start_soon(self._group_tasks, g)
 
     @staticmethod
     async def _group_tasks(g: _Group) -> None:
-        with g.scope:
-            async with trio.open_nursery() as n:
-                if g.wire is not None:
-                    n.start_soon(g.wire.receive_loop)
-                if g.relay is not None:
-                    n.start_soon(g.relay.send_loop)
-                if g.guard is not None:
-                    n.start_soon(g.guard.receive_loop)
+        try:
+            with g.scope:
+                async with trio.open_nursery() as n:
+                    if g.wire is not None:
+                        n.start_soon(g.wire.receive_loop)
+                    if g.relay is not None:
+                        n.start_soon(g.relay.send_loop)
+                    if g.guard is not None:
+                        n.start_soon(g.guard.receive_loop)
+        finally:
+            g.close_sockets()
 
 
 def _same_sockets(a: GroupPolicy, b: GroupPolicy) -> bool:

@@ -296,8 +296,8 @@ class PlaintextGuard:
         self.sock = so.open_multicast_rx(engine.policy.dst, port, iface, engine.policy.src, 1 << 16)
         v4 = iface.family == socket.AF_INET
         self._level = socket.IPPROTO_IP if v4 else socket.IPPROTO_IPV6
-        self._type = socket.IP_PKTINFO if v4 else socket.IPV6_PKTINFO
-        self.sock.setsockopt(self._level, socket.IP_PKTINFO if v4 else socket.IPV6_RECVPKTINFO, 1)
+        self._type = so.IP_PKTINFO if v4 else socket.IPV6_PKTINFO
+        self.sock.setsockopt(self._level, so.IP_PKTINFO if v4 else socket.IPV6_RECVPKTINFO, 1)
         self.seen = 0
 
     def _ifindex(self, ancdata: list[tuple[int, int, bytes]]) -> int:
