@@ -17,6 +17,7 @@ from groupsec.errors import ConfigError, GroupSecError
 # Modules that contribute subcommands, in the order they appear in --help.
 COMMAND_MODULES = [
     "groupsec.bench",
+    "groupsec.inspect",
 ]
 
 
