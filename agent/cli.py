@@ -8,7 +8,11 @@ import sys
 
 from groupsec.errors import ConfigError, GroupSecError
 
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = [
+    "agent.run",
+    "agent.enroll",
+    "agent.status",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -151,6 +151,7 @@ class LevelState:
     sas: dict[tuple[int, str], _SA] = field(default_factory=dict)  # (spi, direction)
     sender_keys: dict[int, bytes] = field(default_factory=dict)
     revoked_senders: set[int] = field(default_factory=set)
+    owners: dict[int, int] = field(default_factory=dict)  # per-sender SAs: spi -> sender ID
     resync_sent_at: float | None = None
     ack_due: float | None = None
     last_heartbeat: float | None = None
@@ -171,6 +172,16 @@ class DesiredInstall:
     inbound: tuple[SAParams, ...]
     outbound: SAParams | None
     sender_keys: dict[int, bytes] = field(default_factory=dict, repr=False)
+
+
+def _owners(v: Any) -> dict[int, int]:
+    """``[[spi, sender_id], ...]`` (from a grant's or rekey's extra) -> {spi: sender_id}; junk is ignored."""
+    out: dict[int, int] = {}
+    if isinstance(v, list):
+        for item in v[:MAX_SAS_PER_LEVEL * 4]:
+            if (isinstance(item, list) and len(item) == 2 and all(type(x) is int for x in item)):
+                out[item[0]] = item[1]
+    return out
 
 
 # --- the state machine ---------------------------------------------------------------------
@@ -413,7 +424,7 @@ class MemberProtocol:
         if old is not None and old.kek_epoch < g.kek_epoch and old.kek_epoch in old.keks:
             keks[old.kek_epoch] = old.keks[old.kek_epoch]
         st = LevelState(policy=g.policy, role=g.role, sender_id=g.sender_id, kek_epoch=g.kek_epoch, keks=keks,
-                        msg_id=g.msg_id, sender_keys=dict(g.sender_keys))
+                        msg_id=g.msg_id, sender_keys=dict(g.sender_keys), owners=_owners(g.extra.get("owners")))
         ctl_now = now + self.offset
         if old is not None:
             st.last_heartbeat, st.last_heartbeat_time = old.last_heartbeat, old.last_heartbeat_time
@@ -510,6 +521,8 @@ class MemberProtocol:
                 st.kek_epoch = epoch
                 for e in sorted(st.keks)[:-KEEP_KEKS]:
                     del st.keks[e]
+        if "owners" in m.extra:
+            st.owners = _owners(m.extra["owners"])
         if m.sender_keys:
             st.sender_keys.update(m.sender_keys)
         for sid in m.revoked_senders:
@@ -532,7 +545,8 @@ class MemberProtocol:
 
     def _sa_times(self, st: LevelState, sa: _SA) -> list[float]:
         out = []
-        if st.role == "sender" and (sa.grant.direction == "out" or self._shared(sa.params)):
+        if st.role == "sender" and (sa.grant.direction == "out" or self._shared(sa.params)
+                                    or st.owners.get(sa.params.spi, -1) == st.sender_id):
             t = sa.grant.activate_at - self.offset
             if t > self._now:
                 out.append(t)
@@ -562,7 +576,9 @@ class MemberProtocol:
             p = sa.params
             if sa.grant.direction == "in" or self._shared(p):
                 inbound.setdefault(p.spi, dataclasses.replace(p, sender_id=None) if p.sender_id is not None else p)
-            if (st.role == "sender" and (sa.grant.direction == "out" or self._shared(p))
+            mine = sa.grant.direction == "out" or self._shared(p) or (
+                st.sender_id is not None and st.owners.get(p.spi) == st.sender_id)
+            if (st.role == "sender" and mine
                     and sa.grant.activate_at <= ctl
                     and (best is None or sa.grant.activate_at > best.grant.activate_at)):
                 best = sa
