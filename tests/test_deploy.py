@@ -100,3 +100,39 @@ def test_example_controller_configs_load(example: Path) -> None:
         assert policies[0].udp_encap_port == 4500
     if example.name == "rollover-ops":
         assert {p.tek_lifetime for p in policies} >= {120.0, 300.0}
+
+
+@pytest.mark.parametrize("path", sorted((DEPLOY / "examples").glob("*/agent-*.toml")), ids=lambda p: p.parent.name + "/" + p.name)
+def test_example_agent_configs_load(path: Path) -> None:
+    agent_config = pytest.importorskip("agent.config")
+    cfg = agent_config.load(path)
+    assert cfg.groups
+    kernel = cfg.datapath == "xfrm" or cfg.wire == "raw"
+    header = path.read_text().split("\n\n")[0]
+    if "Unit:" in header:  # the unit named in the header must grant what the data path needs
+        assert ("groupsec-agent-kernel@" in header) == kernel, header
+
+
+def _exec_argv(path: Path) -> list[str]:
+    (line,) = _unit(path)["Service.ExecStart"]
+    return line.replace("%i", "example").split()[1:]
+
+
+def test_unit_command_lines_parse_with_the_real_clis() -> None:
+    from groupsec.cli import build_parser
+
+    try:
+        parser = build_parser()
+    except ImportError as exc:  # a subcommand module still being written
+        pytest.skip(f"groupsec CLI incomplete: {exc}")
+    args = parser.parse_args(_exec_argv(DEPLOY / "systemd" / "groupsec-controller.service"))
+    assert (args.command, args.dir) == ("serve", "/var/lib/groupsec")
+    agent_cli = pytest.importorskip("agent.cli")
+    try:
+        aparser = agent_cli.build_parser()
+        for name in ("groupsec-agent@.service", "groupsec-agent-kernel@.service"):
+            a = aparser.parse_args(_exec_argv(DEPLOY / "systemd" / name))
+            assert a.config == "/etc/groupsec/agent/example.toml"
+            assert a.state_dir == "/run/groupsec-agent/example"
+    except SystemExit:
+        pytest.skip("groupsec-agent run is not registered yet")
