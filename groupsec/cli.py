@@ -16,6 +16,9 @@ from groupsec.errors import ConfigError, GroupSecError
 
 # Modules that contribute subcommands, in the order they appear in --help.
 COMMAND_MODULES = [
+    "groupsec.controller.cli_init",
+    "groupsec.controller.cli_member",
+    "groupsec.controller.cli_serve",
     "groupsec.bench",
     "groupsec.inspect",
 ]

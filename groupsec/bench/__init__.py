@@ -14,6 +14,8 @@ from typing import Any
 
 BENCHES = {
     "packet": "ESP/AH seal and open vs the bare cryptography call",
+    "register": "controller registrations per second over TLS 1.3 from client processes",
+    "datapath": "protected vs plaintext relay over loopback multicast",
 }
 
 
@@ -23,9 +25,15 @@ def register(sub: Any) -> None:
     bsub = p.add_subparsers(dest="bench", metavar="KIND")
     bsub.required = True
     for kind, helptext in BENCHES.items():
+        modname = f"groupsec.bench.{kind.replace('-', '_')}"
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as exc:
+            if exc.name != modname:
+                raise
+            continue  # a benchmark registered before its module landed: leave it out of the CLI
         bp = bsub.add_parser(kind, help=helptext, description=helptext)
         bp.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-        mod = importlib.import_module(f"groupsec.bench.{kind.replace('-', '_')}")
         mod.add_arguments(bp)
         bp.set_defaults(func=_runner(mod))
 

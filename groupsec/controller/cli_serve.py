@@ -1,0 +1,144 @@
+"""``groupsec serve``, ``groupsec status`` and ``groupsec rekey GROUP``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from groupsec.controller import pki
+from groupsec.controller.app import ControllerApp
+from groupsec.controller.home import add_home_argument, admin_request, config_of, home_of, store_of
+from groupsec.controller.rekey import RekeyScheduler
+from groupsec.controller.server import ControllerServer, server_ssl_context
+from groupsec.errors import ConfigError
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run the group controller (TLS 1.3 registration, rekeys, zeroconf)",
+                       description="Run the group controller from a home made by `groupsec init`.")
+    add_home_argument(p)
+    p.add_argument("--listen", metavar="HOST:PORT", help="override controller.listen (port 0: any free port)")
+    p.add_argument("--no-advertise", action="store_true", help="do not advertise over zeroconf")
+    p.add_argument("--port-file", metavar="FILE", help="write the listening port here once listening")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("status", help="groups, epochs and each member's last acknowledgement")
+    add_home_argument(s)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    r = sub.add_parser("rekey", help="roll a group's TEKs over now (on a running controller)")
+    r.add_argument("group")
+    r.add_argument("--level", help="only this level (default: every level of the group)")
+    r.add_argument("--kek", action="store_true", help="also roll the KEK over")
+    add_home_argument(r)
+    r.set_defaults(func=cmd_rekey)
+
+
+def _raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    home = home_of(args)
+    config = config_of(home)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    host, port = config.controller.listen_host, config.controller.listen_port
+    if args.listen:
+        h, _, p = args.listen.rpartition(":")
+        if not p.isdigit():
+            raise ConfigError(f"--listen {args.listen!r}: expected HOST:PORT")
+        host, port = h.strip("[]") or "0.0.0.0", int(p)
+    ctx = server_ssl_context(home)
+    ca = pki.CA.load(home)
+    store = store_of(home, config)
+    app = ControllerApp(config, store, pki.load_rekey_key(home), home)
+    _raise_nofile()
+    server = ControllerServer(app, ctx, home)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            server.app.multicast = server._send_multicast
+            app.start()
+            ports = await nursery.start(server.serve, host, port)
+            await nursery.start(RekeyScheduler(app).run)
+            if args.port_file:
+                _write_port(args.port_file, ports[0])
+            if config.controller.advertise and not args.no_advertise:
+                from groupsec.controller.discovery import advertise
+
+                nursery.start_soon(advertise, ports[0], pki.fingerprint(ca.cert))
+            print(f"groupsec serve: listening on {host} port {ports[0]}", file=sys.stderr, flush=True)
+
+    try:
+        trio.run(main)
+    finally:
+        app.flush_acks()
+        store.close()
+    return 0
+
+
+def _write_port(path: str, port: int) -> None:
+    tmp = Path(path + ".tmp")
+    tmp.write_text(f"{port}\n")
+    tmp.replace(path)  # atomic: a reader never sees an empty file
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    home = home_of(args)
+    reply = admin_request(home, {"op": "status"})
+    running = reply is not None
+    if reply is None:
+        config = config_of(home)
+        app = ControllerApp(config, store_of(home, config), pki.load_rekey_key(home), home)
+        status = app.status()
+    else:
+        if not reply.get("ok"):
+            raise ConfigError(f"status: {reply.get('error')}")
+        status = reply["status"]
+    status["running"] = running
+    if args.json:
+        print(json.dumps(status))
+        return 0
+    print(f"controller: {'running' if running else 'not running'}, {status.get('sessions', 0)} session(s)")
+    for lv in status["levels"]:
+        spis = " ".join(f"{s:#010x}" for g in lv["generations"] for s in g["spis"])
+        print(f"group {lv['group']}/{lv['level'] or '-'}: msg_id {lv['msg_id']} kek epoch {lv['kek_epoch']} "
+              f"senders {lv['senders']} SPIs {spis}")
+    print(f"{'MEMBER':<20} {'GROUP/LEVEL':<18} {'EPOCH':>5} {'MSG':>5} {'LAST ACK':<20} STATE")
+    for m in status["members"]:
+        for lv in m["levels"] or [{"group": "-", "level": "", "epoch": None, "msg_id": None, "last_ack": None,
+                                   "lagging": False}]:
+            ack = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lv["last_ack"])) if lv["last_ack"] else "never"
+            state = "revoked" if m["revoked"] else ("LAGGING" if lv["lagging"] else "ok")
+            state += f" ({m['connected']} conn)" if m["connected"] else ""
+            print(f"{m['name']:<20} {lv['group'] + '/' + (lv['level'] or '-'):<18} {lv['epoch'] or '-':>5} "
+                  f"{lv['msg_id'] if lv['msg_id'] is not None else '-':>5} {ack:<20} {state}")
+    return 0
+
+
+def cmd_rekey(args: argparse.Namespace) -> int:
+    home = home_of(args)
+    config = config_of(home)
+    if not config.group_levels(args.group):
+        raise ConfigError(f"{args.group}: unknown group (configured: {', '.join(config.groups)})")
+    reply = admin_request(home, {"op": "rekey", "group": args.group, "level": args.level, "kek": args.kek})
+    if reply is None:
+        raise ConfigError(f"no controller is running in {home} (start `groupsec serve -d {home}`)")
+    if not reply.get("ok"):
+        raise ConfigError(f"rekey {args.group}: {reply.get('error')}")
+    for r in reply["rekeyed"]:
+        print(f"rekeyed {r['group']}/{r['level'] or '-'}: message ID {r['msg_id']}")
+    return 0
