@@ -31,10 +31,11 @@ from groupsec.ipsec.sa import SecurityAssociation
 from groupsec.ipsec.sad import SAD
 
 Wire = Literal["encap", "raw"]
-# (inner IP packet, its UDP payload, the parsed inner header; None from PlainEngine)
-Opened = tuple[Any, Any, "ipmod.IPInfo | None"]
+# (inner IP packet, its UDP payload)
+Opened = tuple[Any, Any]
 
 _SPI = struct.Struct("!I")
+_V4UDP = struct.Struct("!BBHHHBBH4s4sHHHH")  # an option-less IPv4 header and a UDP header: 28 bytes
 _PORTS = struct.Struct("!HH")
 _PROTO_IPV4 = 4
 _PROTO_IPV6 = 41
@@ -71,13 +72,24 @@ class GroupEngine:
 
     protected = True
 
-    def __init__(self, install: GroupInstall, wire: Wire, src_address: str, now: float) -> None:
+    def __init__(self, install: GroupInstall, wire: Wire, src_address: str, now: float, *, ttl: int = 1) -> None:
         self.policy: GroupPolicy = install.policy
         self.wire: Wire = wire
         self.src_address = src_address  # the outer/inner source this member sends from
+        self.ttl = ttl  # of the inner packets the relay and GroupSocket build
         self._dst = ipmod.canonical(self.policy.dst)
-        self._version = 4 if len(ipmod.addr_to_bytes(self.policy.dst)) == 4 else 6
+        self._dst_packed = ipmod.addr_to_bytes(self._dst)
+        self._src_packed = ipmod.addr_to_bytes(src_address)
+        self._version = 4 if len(self._dst_packed) == 4 else 6
+        if len(self._src_packed) != len(self._dst_packed):
+            raise LocalProtocolError(f"source {src_address} and group {self._dst} are of different IP versions")
         self._tunnel_nh = _PROTO_IPV4 if self._version == 4 else _PROTO_IPV6
+        self._fast_tunnel = wire == "encap" and self._version == 4
+        self._any_source: dict[int, SecurityAssociation] = {}
+        # the IPv4 header checksum without its total length (which is all that changes)
+        self._v4_sum = sum(struct.unpack("!10H", ipmod.ipv4_header(self._src_packed, self._dst_packed, _PROTO_UDP,
+                                                                  0, ttl=ttl)[:10] + b"\0\0" +
+                                         self._src_packed + self._dst_packed)[:10]) - 20 if self._version == 4 else 0
         self.sad = SAD()
         self.inbound: dict[int, SecurityAssociation] = {}
         self.outbound: SecurityAssociation | None = None
@@ -106,6 +118,11 @@ class GroupEngine:
                 sa = SecurityAssociation(p, "in", now)
                 self.sad.add(sa)
                 self.inbound[spi] = sa
+        # SPIs with one any-source SA: found without the SAD's (spi, dst, src) probing
+        srcs: dict[int, list[SecurityAssociation]] = {}
+        for sa in self.inbound.values():
+            srcs.setdefault(sa.params.spi, []).append(sa)
+        self._any_source = {spi: v[0] for spi, v in srcs.items() if len(v) == 1 and v[0].params.src is None}
         out = install.outbound
         if out is None:
             self.outbound = None
@@ -130,9 +147,13 @@ class GroupEngine:
 
     def seal_payload(self, payload: bytes | memoryview, sport: int, dport: int, now: float) -> bytes:
         """Protect an application's UDP payload (from the relay or a GroupSocket)."""
-        sa = self._out()
-        pkt = ipmod.build_udp_packet(self.src_address, self.policy.dst, sport, dport, bytes(payload))
-        data = self._seal_ip(sa, pkt, now)
+        sa = self.outbound
+        if sa is None:
+            raise ReceiveOnly(f"group {self.policy.group!r}: this member is receive-only (no outbound SA)")
+        if self._fast_tunnel and sa.params.mode == "tunnel":
+            data = sa.seal_esp(_PROTO_IPV4, self._inner_udp(payload, sport, dport), now)
+        else:
+            data = self._seal_ip(sa, self._inner_udp(payload, sport, dport), now)
         self.tx_packets += 1
         self.tx_bytes += len(payload)
         return data
@@ -152,6 +173,22 @@ class GroupEngine:
         self.tx_packets += 1
         self.tx_bytes += len(pkt)
         return data
+
+    def _inner_udp(self, payload: bytes | memoryview, sport: int, dport: int) -> bytes:
+        """The application's datagram as an IP/UDP packet from this member to the group.
+
+        IPv4: the header checksum is updated for the length alone, and the UDP checksum is
+        0 ("none", RFC 768): the packet travels under the ESP/AH ICV, which is stronger,
+        and a receiver's kernel accepts it from a TUN device. IPv6 requires the checksum.
+        """
+        n = len(payload)
+        if self._version != 4 or n > 65507:
+            return ipmod.build_udp_packet(self.src_address, self._dst, sport, dport, bytes(payload), ttl=self.ttl)
+        c = self._v4_sum + 28 + n
+        c = (c & 0xFFFF) + (c >> 16)
+        c = (c & 0xFFFF) + (c >> 16)
+        return _V4UDP.pack(0x45, 0, 28 + n, 0, 0, self.ttl, _PROTO_UDP, ~c & 0xFFFF, self._src_packed,
+                           self._dst_packed, sport, dport, 8 + n, 0) + payload
 
     def _seal_ip(self, sa: SecurityAssociation, pkt: bytes, now: float) -> bytes:
         if self.wire == "raw":
@@ -175,18 +212,17 @@ class GroupEngine:
 
         Raises a ``PacketDropped`` (counted by the caller through ``count_drop``).
         """
-        kind = udpencap.classify_untrusted(data)
-        if kind != "esp":
-            if kind == "keepalive":
+        spi = _SPI.unpack_from(data)[0] if len(data) >= 8 else 0
+        if not spi:
+            if udpencap.classify_untrusted(data) == "keepalive":  # raises BadPacket when too short
                 raise Keepalive("NAT keepalive")
             raise PlaintextForGroup("non-ESP datagram on the encapsulation port")
-        spi = _SPI.unpack_from(data, 0)[0]
-        sa = self.sad.lookup(spi, self._dst, outer_src)
+        sa = self._any_source.get(spi) or self.sad.lookup(spi, self._dst, outer_src)
         nh, inner, _sender = sa.open_esp_untrusted(data, now)
         if sa.params.mode == "tunnel":
             if nh != self._tunnel_nh:
                 raise NotForGroup(f"tunnel SA carried next header {nh}")
-            pkt = bytes(inner)
+            pkt = inner
         elif nh == _PROTO_UDP:
             pkt = self._udp_from_segment(outer_src, bytes(inner))
         else:
@@ -207,13 +243,26 @@ class GroupEngine:
         return self._check_inner(bytes(inner))
 
     def _check_inner(self, pkt: bytes) -> Opened:
-        """RFC 4301 s5.2 step 4: the decrypted packet must match the SA's selectors."""
+        """RFC 4301 s5.2 step 4: the decrypted packet must match the SA's selectors.
+        A fast path for the common case (IPv4, no options, unfragmented UDP); the rest
+        goes through ``parse_ip_untrusted``."""
+        n = len(pkt)
+        if n >= 28 and pkt[0] == 0x45:
+            _, _, total, _, ff, _, proto, _, _, dst, _, dport, ulen, _ = _V4UDP.unpack_from(pkt)
+            if proto == _PROTO_UDP and total == n and not ff & 0x3FFF and 8 <= ulen <= n - 20:
+                pol = self.policy
+                if dst != self._dst_packed or (pol.port is not None and dport != pol.port) or \
+                        (pol.ip_proto is not None and pol.ip_proto != _PROTO_UDP):
+                    raise NotForGroup("decrypted packet does not match the group's selectors")
+                self.rx_packets += 1
+                self.rx_bytes += n
+                return pkt, memoryview(pkt)[28 : 20 + ulen]
         info = ipmod.parse_ip_untrusted(pkt)
         if info.dst != self._dst or not self._selector_ok(info.proto, info.dport):
             raise NotForGroup("decrypted packet does not match the group's selectors")
         self.rx_packets += 1
-        self.rx_bytes += len(pkt)
-        return pkt, info.udp_payload if info.udp_payload is not None else info.payload, info
+        self.rx_bytes += n
+        return pkt, info.udp_payload if info.udp_payload is not None else info.payload
 
     def check_plaintext(self, proto: int, dport: int | None) -> bool:
         """True when an unprotected packet to the group would match its selectors."""
@@ -259,7 +308,7 @@ class PlainEngine:
     def open_encap_untrusted(self, data: bytes | memoryview, outer_src: str, now: float) -> Opened:
         self.rx_packets += 1
         self.rx_bytes += len(data)
-        return data, data, None
+        return data, data
 
     def statistics(self) -> dict[str, Any]:
         return {"group": self.policy.group, "level": self.policy.level, "dst": self.policy.dst, "wire": "plain",

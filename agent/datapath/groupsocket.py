@@ -19,8 +19,8 @@ from typing import Any
 import trio
 
 from agent.datapath.engine import GroupEngine
-from groupsec.errors import LocalProtocolError
-from groupsec.ipsec.ip import IPInfo
+from groupsec.errors import GroupSecError, LocalProtocolError
+from groupsec.ipsec.ip import parse_ip_untrusted
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,8 +51,12 @@ class GroupSocket:
         self.drops: dict[str, int] = {}
 
     # called by the data path for every datagram the engine opened for this group
-    def _deliver(self, pkt: Any, payload: Any, info: IPInfo | None) -> None:
-        if info is None or info.dport != self.dport:
+    def _deliver(self, pkt: Any, payload: Any) -> None:
+        try:
+            info = parse_ip_untrusted(pkt)
+        except GroupSecError:
+            return
+        if info.dport != self.dport:
             return
         dg = Datagram(bytes(payload), info.src, info.sport or 0, info.dport)
         try:

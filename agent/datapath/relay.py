@@ -67,7 +67,7 @@ class Relay:
     def listen_address(self) -> tuple[str, int] | None:
         return self.listen.getsockname()[:2] if self.listen is not None else None
 
-    def deliver(self, pkt: Any, payload: Any, info: Any) -> None:
+    def deliver(self, pkt: Any, payload: Any) -> None:
         """Hand one decrypted datagram's payload to the local application port."""
         if self.out is not None and send_counted(self.out, payload, self.drops):
             self.delivered += 1

@@ -83,7 +83,7 @@ class TunDevice:
             except ConfigError:
                 pass
 
-    def write(self, pkt: Any, payload: Any = None, info: Any = None) -> None:
+    def write(self, pkt: Any, payload: Any = None) -> None:
         """Deliver one decrypted IP packet to local applications."""
         try:
             os.write(self.fd, pkt)

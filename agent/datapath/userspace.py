@@ -94,13 +94,13 @@ class _Group:
         self.send: Callable[[Any], None] = lambda data: None
         self.transmit: Callable[[bytes], Any] = None  # type: ignore[assignment]
 
-    def deliver(self, pkt: Any, payload: Any, info: Any) -> None:
+    def deliver(self, pkt: Any, payload: Any) -> None:
         if self.relay is not None:
-            self.relay.deliver(pkt, payload, info)
+            self.relay.deliver(pkt, payload)
         if self.tun is not None:
             self.tun.write(pkt)
         for gs in self.sockets:
-            gs._deliver(pkt, payload, info)
+            gs._deliver(pkt, payload)
 
     def close(self) -> None:
         """Stop the group's tasks; they close the sockets once they no longer wait on them."""

@@ -25,7 +25,7 @@ BUFSIZE = 65536
 DEFAULT_RCVBUF = 4 << 20
 DEFAULT_SNDBUF = 1 << 20
 
-Deliver = Callable[[Any, Any, Any], None]  # (inner IP packet, UDP payload, IPInfo or None)
+Deliver = Callable[[Any, Any], None]  # (inner IP packet, its UDP payload)
 
 
 def count(d: dict[str, int], reason: str) -> None:
@@ -65,7 +65,7 @@ class EncapWire:
         self._own = self.tx.getsockname()[:2]
         self.drops: dict[str, int] = {}
         self.rx_datagrams = self.tx_datagrams = 0
-        self.deliver: Deliver = lambda pkt, payload, info: None
+        self.deliver: Deliver = lambda pkt, payload: None
 
     def send(self, data: Any) -> None:
         if send_counted(self.tx, data, self.drops):
@@ -108,11 +108,11 @@ class EncapWire:
                     continue
                 self.rx_datagrams += 1
                 try:
-                    pkt, payload, info = open_(view[:n], addr[0], now)
+                    pkt, payload = open_(view[:n], addr[0], now)
                 except GroupSecError as exc:
                     engine.count_drop(exc)
                     continue
-                self.deliver(pkt, payload, info)
+                self.deliver(pkt, payload)
 
     def close(self) -> None:
         self.rx.close()
@@ -244,14 +244,14 @@ class RawWire:
         last: GroupSecError | None = None
         for engine, deliver in entries:
             try:
-                inner, payload, info = engine.open_raw_untrusted(pkt, now)
+                inner, payload = engine.open_raw_untrusted(pkt, now)
             except GroupSecError as exc:
                 last = exc
                 if exc.reason == "unknown-spi" and len(entries) > 1:
                     continue  # maybe another level of the same address
                 engine.count_drop(exc)
                 return
-            deliver(inner, payload, info)
+            deliver(inner, payload)
             return
         if last is not None:
             entries[0][0].count_drop(last)
