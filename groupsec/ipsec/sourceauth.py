@@ -32,10 +32,8 @@ uses; it is ~40% cheaper per call, which matters on the per-packet path). Signat
 from __future__ import annotations
 
 import hashlib
-import hmac
 import struct
-from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, Protocol
 
 from cryptography.exceptions import InvalidSignature
@@ -390,6 +388,10 @@ class SenderKeys:
     def get(self, key_id: int) -> Ed25519PublicKey | None:
         return self._keys.get(key_id)
 
+    def lookup(self) -> Callable[[int], Ed25519PublicKey | None]:
+        """The bound ``dict.get`` of the live table (for the per-packet path)."""
+        return self._keys.get
+
     def ids(self) -> list[int]:
         return sorted(self._keys)
 
@@ -424,8 +426,9 @@ class SourceAuthenticator:
         self.keys = keys if isinstance(keys, SenderKeys) else SenderKeys(keys)
         self.mode = mode
         self.max_windows = max_windows
-        self._windows: OrderedDict[tuple[int, bytes, int], tuple[Ed25519PublicKey, dict[tuple[int, int], bytes]]] \
-            = OrderedDict()
+        # window signature -> (sender key ID, COUNT-1, the key that verified it, authenticated
+        # nodes by (level << 8) | index); oldest first, at most max_windows
+        self._windows: dict[bytes, tuple[int, int, Ed25519PublicKey, dict[int, bytes]]] = {}
         self.verified = 0
         self.failed = 0
         self.signature_checks = 0
@@ -442,59 +445,84 @@ class SourceAuthenticator:
         self.failed += 1
         return SourceAuthFailed(what)
 
-    def verify_untrusted(self, data: bytes | memoryview, key_id: int) -> memoryview:
-        packet, fields = parse_trailer_untrusted(data, self.mode)
+    def verify_untrusted(self, data: bytes | memoryview, key_id: int,
+                         precheck: Callable[[bytes | memoryview, int], None] | None = None) -> memoryview:
+        """``precheck(data, key_id)`` runs just before a signature is verified (never on the
+        cheap cached path); ``SourceVerifier`` passes its replay-window check."""
+        if self.mode == "sign-batched":
+            return self._verify_batched(data, key_id, precheck)
+        packet, sig = parse_trailer_untrusted(data, "sign")
         pub = self._key(key_id)
-        if self.mode == "sign":
-            self.signature_checks += 1
-            try:
-                pub.verify(fields, SIGN_CONTEXT + packet)
-            except InvalidSignature:
-                raise self._fail("source signature did not verify") from None
-        else:
-            self._verify_batched(packet, fields, key_id, pub)
+        if precheck is not None:
+            precheck(data, key_id)
+        self.signature_checks += 1
+        try:
+            pub.verify(sig, SIGN_CONTEXT + packet)
+        except InvalidSignature:
+            raise self._fail("source signature did not verify") from None
         self.verified += 1
         return packet
 
-    def _verify_batched(self, packet: memoryview, fields: tuple[int, int, bytes, bytes], key_id: int,
-                        pub: Ed25519PublicKey) -> None:
-        count, index, path, sig = fields
-        depth = len(path) // HASH_LEN
-        ck = (key_id, sig, count)
-        entry = self._windows.get(ck)
-        nodes = entry[1] if entry is not None and entry[0] is pub else None
-        node = leaf_hash(packet)
+    def _verify_batched(self, data: bytes | memoryview, key_id: int,
+                        precheck: Callable[[bytes | memoryview, int], None] | None) -> memoryview:
+        # the per-packet path: parse_trailer_untrusted's checks inlined, then the cache
+        n = len(data)
+        if n < BATCH_FIXED_LEN + MIN_PROTECTED_LEN or data[n - 1] != TYPE_BATCH:
+            parse_trailer_untrusted(data, "sign-batched")  # raises the precise BadPacket
+        c1, index = data[n - 3], data[n - 2]
+        if index > c1:
+            raise BadPacket(f"batch index {index} is not below the window size {c1 + 1}")
+        depth = c1.bit_length()
+        end = n - BATCH_FIXED_LEN - depth * HASH_LEN
+        if end < MIN_PROTECTED_LEN:
+            raise BadPacket("packet too short for its batch trailer")
+        pub = self.keys.get(key_id)
+        if pub is None:
+            raise self._fail(f"no authorized sender key for {key_id} (unknown or revoked sender)")
+        mv = data if isinstance(data, memoryview) else memoryview(data)
+        packet = mv[:end]
+        sig = bytes(data[n - BATCH_FIXED_LEN:n - 3])
+        node = _sha256(_LEAF + packet).digest()
+        entry = self._windows.get(sig)
+        nodes = entry[3] if entry is not None and entry[2] is pub and entry[0] == key_id and entry[1] == c1 \
+            else None
         idx = index
-        learned: list[tuple[tuple[int, int], bytes]] = []
+        learned: dict[int, bytes] = {}
+        at = end
         for k in range(depth + 1):
             if nodes is not None:
-                known = nodes.get((k, idx))
+                known = nodes.get((k << 8) | idx)
                 if known is not None:
-                    if not hmac.compare_digest(known, node):
+                    if known != node:  # public hashes: no timing secret here
                         raise self._fail("packet is not in its sender's signed window")
-                    nodes.update(learned)
-                    self._windows.move_to_end(ck)
+                    if learned:
+                        nodes.update(learned)
                     self.cache_hits += 1
-                    return
+                    self.verified += 1
+                    return packet
             if k == depth:
                 break
-            sib = path[k * HASH_LEN:(k + 1) * HASH_LEN]
-            learned.append(((k, idx), node))
-            learned.append(((k, idx ^ 1), sib))
-            node = node_hash(sib, node) if idx & 1 else node_hash(node, sib)
+            sib = bytes(mv[at:at + HASH_LEN])
+            at += HASH_LEN
+            learned[(k << 8) | idx] = node
+            learned[(k << 8) | (idx ^ 1)] = sib
+            node = _sha256(_NODE + sib + node).digest() if idx & 1 else _sha256(_NODE + node + sib).digest()
             idx >>= 1
-        # not cached (or the key changed): verify the window's signature once
+        # not cached (or the sender's key changed): verify the window's signature once
+        if precheck is not None:
+            precheck(data, key_id)
         self.signature_checks += 1
         try:
-            pub.verify(sig, batch_message(count, node))
+            pub.verify(sig, batch_message(c1 + 1, node))
         except InvalidSignature:
             raise self._fail("window signature did not verify") from None
-        fresh = dict(learned)
-        fresh[(depth, 0)] = node
-        self._windows[ck] = (pub, fresh)
-        self._windows.move_to_end(ck)
-        while len(self._windows) > self.max_windows:
-            self._windows.popitem(last=False)
+        learned[depth << 8] = node
+        windows = self._windows
+        windows[sig] = (key_id, c1, pub, learned)
+        while len(windows) > self.max_windows:
+            del windows[next(iter(windows))]
+        self.verified += 1
+        return packet
 
     def statistics(self) -> dict[str, Any]:
         return {"mode": self.mode, "senders": len(self.keys), "verified": self.verified,
@@ -526,21 +554,27 @@ class SourceVerifier:
             self.auth = SourceAuthenticator(keys, mode or "sign", max_windows)
         self.mode = self.auth.mode
         self._shared = sa.params.sender_id_bits > 0
+        self._spi = sa.params.spi
 
     def open_esp_untrusted(self, data: bytes | memoryview, now: float) -> tuple[int, bytes, int]:
         sa = self.sa
         try:
             if len(data) < MIN_PROTECTED_LEN:
                 raise BadPacket("packet too short for an ESP header")
-            key_id = sender_key_id_untrusted(sa.params, data)
-            if key_id in self.auth.keys:
-                # pre-check only (no state change); the SA checks again and commits after its ICV
-                sa.window_for(key_id if self._shared else 0).check(_SPI.unpack_from(data, 4)[0])
-            packet = self.auth.verify_untrusted(data, key_id)
+            if self._shared:
+                key_id = sender_key_id_untrusted(sa.params, data)
+            else:
+                key_id = self._spi
+            packet = self.auth.verify_untrusted(data, key_id, self._replay_precheck)
         except PacketDropped as exc:
             sa.count_drop(exc)
             raise
         return sa.open_esp_untrusted(packet, now)  # type: ignore[no-any-return]
+
+    def _replay_precheck(self, data: bytes | memoryview, key_id: int) -> None:
+        """Before a signature check: refuse a sequence number the SA's window already holds
+        (changes nothing; the SA checks again, and commits, after its ICV)."""
+        self.sa.window_for(key_id if self._shared else 0).check(_SPI.unpack_from(data, 4)[0])
 
     def statistics(self) -> dict[str, Any]:
         return self.auth.statistics()
