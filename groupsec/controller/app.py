@@ -174,6 +174,16 @@ class ControllerApp:
             self.send_plan(p)
         return plans
 
+    def revoke(self, name: str) -> int:
+        """Record the revocation (if the CLI has not already) and evict the member at once."""
+        rec = self.manager.member(name)
+        if rec is None:
+            return 0
+        if not rec.get("revoked"):
+            rec["revoked"] = True
+            self.store.commit({f"member/{name}": rec, **{f"revoked/{s}": {"name": name} for s in rec.get("serials", [])}})
+        return self.evict(name)
+
     def evict(self, name: str, levels: set[tuple[str, str]] | None = None) -> int:
         """Close the member's sessions, push a fresh KEK to every remaining member over TLS,
         then send the new TEKs under it. ``levels``: only those (a downgrade)."""

@@ -281,7 +281,7 @@ class ControllerServer:
             return {"ok": True, "rekeyed": [{"group": p.group, "level": p.level, "msg_id": p.msg_id} for p in plans]}
         if op == "revoke":
             name = str(req.get("name"))
-            return {"ok": True, "levels": app.evict(name)}
+            return {"ok": True, "levels": app.revoke(name)}
         if op == "reload":
             name = str(req.get("name"))
             lost = req.get("lost") or []
