@@ -59,7 +59,8 @@ class TestHooks:
 class AgentConfig:
     bundle: Path
     groups: tuple[GroupSpec, ...]
-    controller: tuple[str, int] | None = None  # None: discover over zeroconf
+    controller: tuple[str, int] | None = None  # None: the bundle's hint, else zeroconf discovery
+    discover: bool = False  # controller = "discover": always browse _groupsec._tcp
     datapath: str = "userspace"
     interface: str | None = None
     state_dir: Path = Path(DEFAULT_STATE_DIR)
@@ -192,8 +193,10 @@ def from_dict(d: dict[str, Any], source: str = "agent.toml", base_dir: Path | No
     if bundle is None:
         raise w.err("bundle", "missing: the credential bundle from `groupsec member add --out` is required")
     kw["bundle"] = (base / bundle) if not os.path.isabs(bundle) else Path(bundle)
-    ctl = _typed(w, d, "controller", str, "discover")
-    if ctl != "discover":
+    ctl = _typed(w, d, "controller", str, None)
+    if ctl == "discover":
+        kw["discover"] = True
+    elif ctl is not None:
         try:
             kw["controller"] = parse_hostport(ctl, DEFAULT_PORT, what="controller")
         except ValueError as exc:
@@ -333,7 +336,7 @@ def load(path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None =
 _KEY_NAMES = ("member.key", "key.pem", "client.key", "private.key")
 _CERT_NAMES = ("member.crt", "cert.pem", "client.crt", "member.pem")
 _CA_NAMES = ("ca.crt", "ca.pem")
-_HINT_NAMES = ("bundle.toml", "controller.txt", "controller")
+_HINT_NAMES = ("controller", "controller.txt", "bundle.toml")
 
 
 @dataclass(frozen=True)
@@ -405,6 +408,15 @@ def load_bundle(path: str | os.PathLike[str]) -> Bundle:
             if hp.is_file():
                 hint = _hint(hp, read(hp))
                 break
+        if hint is None and (p / "bundle.json").is_file():
+            import json
+
+            try:
+                h = json.loads(read(p / "bundle.json")).get("controller")
+            except (ValueError, AttributeError):
+                raise ConfigError(f"{p / 'bundle.json'}: not a JSON object") from None
+            if isinstance(h, str) and h:
+                hint = _hint(p / "bundle.json", f"controller = {h}".encode())
     else:
         data = read(p)
         keys = _pem_blocks(data, b"PRIVATE KEY") or _pem_blocks(data, b"EC PRIVATE KEY")
@@ -481,7 +493,7 @@ def _hint(src: Path, data: bytes) -> tuple[str, int] | None:
                 if rest[:1] in ("=", ":"):
                     value = rest[1:].strip().strip('"').strip("'")
                 break
-        if value is None and src.name == "controller.txt" and line and not raw.lstrip().startswith("#"):
+        if value is None and src.name in ("controller", "controller.txt") and line and not raw.lstrip().startswith("#"):
             value = line
         if value:
             try:

@@ -236,7 +236,7 @@ class AgentSession:
         if self.config.controller is not None:
             host, port = self.config.controller
             return [(host, port, host)]
-        if self.bundle.controller_hint is not None and self._discover is None:
+        if self.bundle.controller_hint is not None and not self.config.discover:
             host, port = self.bundle.controller_hint
             return [(host, port, host)]
         if self._discover is None:
