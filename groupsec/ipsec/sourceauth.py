@@ -544,7 +544,11 @@ class SourceVerifier:
     the SA under its ``reason`` (``source-auth-failed`` for a forgery)."""
 
     def __init__(self, sa: _OpeningSA, keys: SenderKeys | Mapping[int, bytes | Ed25519PublicKey] | SourceAuthenticator,
-                 mode: str | None = None, *, max_windows: int = DEFAULT_MAX_WINDOWS) -> None:
+                 mode: str | None = None, *, max_windows: int = DEFAULT_MAX_WINDOWS,
+                 key_id: int | None = None) -> None:
+        """``key_id``: on a per-sender SA, the owner's sender ID (from the grant's ``owners``)
+        when ``keys`` is indexed by sender ID; by default a per-sender SA's key ID is its SPI.
+        On a shared SA the sender ID always comes from the packet's IV."""
         self.sa = sa
         if isinstance(keys, SourceAuthenticator):
             if mode is not None and mode != keys.mode:
@@ -554,7 +558,7 @@ class SourceVerifier:
             self.auth = SourceAuthenticator(keys, mode or "sign", max_windows)
         self.mode = self.auth.mode
         self._shared = sa.params.sender_id_bits > 0
-        self._spi = sa.params.spi
+        self._key_id = sa.params.spi if key_id is None else key_id
 
     def open_esp_untrusted(self, data: bytes | memoryview, now: float) -> tuple[int, bytes, int]:
         sa = self.sa
@@ -564,7 +568,7 @@ class SourceVerifier:
             if self._shared:
                 key_id = sender_key_id_untrusted(sa.params, data)
             else:
-                key_id = self._spi
+                key_id = self._key_id  # the SPI, or the owner's sender ID
             packet = self.auth.verify_untrusted(data, key_id, self._replay_precheck)
         except PacketDropped as exc:
             sa.count_drop(exc)

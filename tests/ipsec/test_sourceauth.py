@@ -353,3 +353,20 @@ def test_truncated_packets_are_bad_packets() -> None:
     with pytest.raises(BadPacket):
         rx.open_esp_untrusted(pkt[:-1] + b"\x02", NOW)  # a batch trailer on a "sign" group
 
+
+
+def test_per_sender_sa_keyed_by_owner_sender_id() -> None:
+    """With the grant's owners map (SPI -> sender ID), one sender_keys table by sender ID serves
+    per-sender SAs too; another sender's key never verifies this SA's packets."""
+    p = SAParams(spi=0x4444, protocol="esp", suite="null-hmac-sha-256", mode="transport", dst=GROUP,
+                 auth_key=os.urandom(32))
+    owner, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    keys = SenderKeys({7: public_key_bytes(owner), 8: public_key_bytes(other)})
+    rx = SourceVerifier(SecurityAssociation(p, "in", NOW), keys, "sign-batched", key_id=7)
+    bad = SigningSealer(SecurityAssociation(p, "out", NOW, _test_next_seq=5), other, "sign-batched")
+    forged = bad.seal_esp(17, b"evil", NOW) + bad.flush()
+    with pytest.raises(SourceAuthFailed):
+        rx.open_esp_untrusted(forged[0], NOW)
+    sealer = SigningSealer(SecurityAssociation(p, "out", NOW), owner, "sign-batched")
+    good = sealer.seal_esp(17, b"hi", NOW) + sealer.flush()
+    assert rx.open_esp_untrusted(good[0], NOW) == (17, b"hi", 0)
