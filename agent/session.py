@@ -136,7 +136,7 @@ class AgentSession:
                 sas.append({"spi": f"{p.spi:#010x}", "direction": "out", "sender": _sender(p),
                             "expires_in": _min(expiry.get(p.spi), deact.get(p.spi))})
             groups.append({"group": key[0], "level": key[1], "role": g.get("role"), "dst": inst.policy.dst,
-                           "msg_id": g.get("msg_id"), "kek_epoch": g.get("kek_epoch"),
+                           "msg_id": g.get("msg_id"), "kek_epoch": g.get("kek_epoch"), "kek_id": g.get("kek_id"),
                            "sender_id": g.get("sender_id"), "sas": sas})
         return {"member": m["member"], "state": m["state"], "connected": self.connected,
                 "controller": f"{self.controller[0]}:{self.controller[1]}" if self.controller else None,

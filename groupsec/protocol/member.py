@@ -23,6 +23,7 @@ do not hold, queues a ``Resync``. Applied rekeys are acknowledged after a random
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,7 +54,10 @@ from groupsec.protocol.messages import (
 
 Key = tuple[str, str]  # (group, level)
 
-RESYNC_RETRY = 5.0  # seconds before a Resync without answer is sent again
+RESYNC_RETRY = 5.0
+# No valid datagram on the rekey channel for SILENCE heartbeat intervals: ask over TLS. With
+# 1.5, a member that lost a rekey and the next heartbeat still converges within 2 intervals.
+SILENCE = 1.5  # seconds before a Resync without answer is sent again
 KEEP_KEKS = 2  # KEK epochs kept per group level (the current and the previous one)
 MAX_SAS_PER_LEVEL = 256
 
@@ -172,6 +176,12 @@ class DesiredInstall:
     inbound: tuple[SAParams, ...]
     outbound: SAParams | None
     sender_keys: dict[int, bytes] = field(default_factory=dict, repr=False)
+
+
+def kek_id(kek: bytes) -> str:
+    """A short public name for a KEK (to compare members' keys without showing them): the
+    first 8 bytes of SHA-256 over a label and the key. Not reversible into the key."""
+    return hashlib.sha256(b"groupsec-kek-id\0" + kek).hexdigest()[:16] if kek else ""
 
 
 def _owners(v: Any) -> dict[int, int]:
@@ -301,7 +311,7 @@ class MemberProtocol:
             for sa in st.sas.values():
                 times.extend(self._sa_times(st, sa))
             if self.heartbeat_interval and st.last_heartbeat is not None and self.state == "registered":
-                times.append(st.last_heartbeat + 2.5 * self.heartbeat_interval)
+                times.append(st.last_heartbeat + SILENCE * self.heartbeat_interval)
         for t in (self._ping_at, self._ping_deadline):
             if t is not None:
                 times.append(t)
@@ -325,7 +335,7 @@ class MemberProtocol:
                 st.resync_sent_at = None
                 self._request_resync(st, now, "retry")
             if (self.heartbeat_interval and st.last_heartbeat is not None and self.state == "registered"
-                    and now >= st.last_heartbeat + 2.5 * self.heartbeat_interval):
+                    and now >= st.last_heartbeat + SILENCE * self.heartbeat_interval):
                 # heartbeats stopped arriving (multicast broken?): ask over TLS
                 st.last_heartbeat = now
                 self._request_resync(st, now, "heartbeat-missing")
@@ -351,7 +361,7 @@ class MemberProtocol:
                             "suite": sa.params.suite, "activate_at": sa.grant.activate_at,
                             "expires_in": None if exp is None or now is None else round(exp - now, 3)})
             groups.append({"group": g, "level": lv, "role": st.role, "msg_id": st.msg_id,
-                           "kek_epoch": st.kek_epoch, "sender_id": st.sender_id, "sas": sas,
+                           "kek_epoch": st.kek_epoch, "kek_id": kek_id(st.keks.get(st.kek_epoch, b"")), "sender_id": st.sender_id, "sas": sas,
                            "resync_pending": st.resync_sent_at is not None})
         return {"state": self.state, "member": self.member_name, "counters": dict(self.counters),
                 "rejected": dict(self.rejected), "groups": groups}

@@ -250,3 +250,72 @@ def drain(sock: socket.socket, quiet: float = 0.5, limit: float = 10.0) -> list[
         except TimeoutError:
             break
     return out
+
+
+class Stream:
+    """Sequence-numbered UDP at a fixed rate into a relay port (a thread), and collectors that
+    record which sequence numbers each receiver's application got."""
+
+    def __init__(self, target: tuple[str, int], pps: int = 1000, size: int = 200, tag: bytes = b"STREAM") -> None:
+        import threading
+
+        self.target, self.pps, self.size, self.tag = target, pps, size, tag
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.collectors: dict[str, tuple[socket.socket, set[int], Any]] = {}
+
+    def collect(self, name: str, sock: socket.socket) -> None:
+        import threading
+
+        got: set[int] = set()
+        sock.settimeout(0.2)
+
+        def loop() -> None:
+            while True:
+                try:
+                    data = sock.recv(65535)
+                except TimeoutError:
+                    if self._stop.is_set() and self._drained:
+                        return
+                    continue
+                except OSError:
+                    return
+                if data.startswith(self.tag):
+                    got.add(int(data[len(self.tag):len(self.tag) + 10]))
+
+        t = threading.Thread(target=loop, daemon=True)
+        self.collectors[name] = (sock, got, t)
+        t.start()
+
+    _drained = False
+
+    def start(self) -> Stream:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            t0 = time.monotonic()
+            pad = b"x" * max(0, self.size - len(self.tag) - 10)
+            while not self._stop.is_set():
+                due = int((time.monotonic() - t0) * self.pps)
+                while self.sent < due:
+                    s.sendto(self.tag + b"%010d" % self.sent + pad, self.target)
+                    self.sent += 1
+                time.sleep(0.002)
+
+    def stop(self, settle: float = 1.0) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        time.sleep(settle)
+        self._drained = True
+        for _, _, t in self.collectors.values():
+            t.join(5)
+
+    def got(self, name: str) -> set[int]:
+        return self.collectors[name][1]
+
+    def lost(self, name: str) -> list[int]:
+        got = self.got(name)
+        return [i for i in range(self.sent) if i not in got]

@@ -13,6 +13,7 @@ from member_helpers import FakeController
 from groupsec.errors import LocalProtocolError, RemoteProtocolError
 from groupsec.protocol.member import (
     RESYNC_RETRY,
+    SILENCE,
     ControllerError,
     GroupRemoved,
     InstallChanged,
@@ -400,7 +401,7 @@ def test_silent_rekey_channel_triggers_resync_over_tls():
     ctl, m, _ = registered_member()
     m.receive_datagram(ctl.heartbeat("video"), T0)
     events(m)
-    m.handle_timer(T0 + 2.5 * 10.0 + 0.01)
+    m.handle_timer(T0 + SILENCE * 10.0 + 0.01)
     assert [e.why for e in of(events(m), ResyncRequested)] == ["heartbeat-missing"]
 
 
