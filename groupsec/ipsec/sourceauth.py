@@ -116,14 +116,6 @@ def auth_path(levels: list[list[bytes]], index: int) -> bytes:
     return b"".join(levels[k][(index >> k) ^ 1] for k in range(len(levels) - 1))
 
 
-def root_from_path(leaf: bytes, index: int, path: bytes | memoryview) -> bytes:
-    node = leaf
-    for k in range(len(path) // HASH_LEN):
-        sib = bytes(path[k * HASH_LEN:(k + 1) * HASH_LEN])
-        node = node_hash(sib, node) if (index >> k) & 1 else node_hash(node, sib)
-    return node
-
-
 def batch_message(count: int, root: bytes) -> bytes:
     """What a window's signature signs."""
     return BATCH_CONTEXT + bytes((count - 1,)) + root
@@ -387,10 +379,6 @@ class SenderKeys:
 
     def get(self, key_id: int) -> Ed25519PublicKey | None:
         return self._keys.get(key_id)
-
-    def lookup(self) -> Callable[[int], Ed25519PublicKey | None]:
-        """The bound ``dict.get`` of the live table (for the per-packet path)."""
-        return self._keys.get
 
     def ids(self) -> list[int]:
         return sorted(self._keys)
