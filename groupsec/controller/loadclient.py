@@ -71,15 +71,23 @@ class Conn:
 async def connect(host: str, port: int, ctx: ssl.SSLContext, server_hostname: str = "localhost") -> Conn:
     tcp = await trio.open_tcp_stream(host, port)
     stream = trio.SSLStream(tcp, ctx, server_hostname=server_hostname)
-    await stream.do_handshake()
+    try:
+        await stream.do_handshake()
+    except BaseException:
+        await trio.aclose_forcefully(tcp)
+        raise
     return Conn(stream, FrameDecoder())
 
 
 async def register(host: str, port: int, ctx: ssl.SSLContext, groups: list[dict[str, str]],
                    keep: bool = False) -> tuple[Message | None, Conn | None]:
     conn = await connect(host, port, ctx)
-    await conn.send(Register(PROTOCOL_VERSION, groups))
-    reply = await conn.recv()
+    try:
+        await conn.send(Register(PROTOCOL_VERSION, groups))
+        reply = await conn.recv()
+    except BaseException:
+        await conn.aclose()
+        raise
     if not keep:
         await conn.aclose()
         return reply, None

@@ -82,13 +82,18 @@ class ControllerServer:
                                                   host=host if host is not None else self.cfg.listen_host,
                                                   backlog=4096)
         self.listen_ports = [ln.socket.getsockname()[1] for ln in listeners]
-        async with trio.open_nursery() as nursery:
-            if self.home is not None:
-                await nursery.start(self._admin_server)
-            nursery.start_soon(self._ack_flusher)
-            task_status.started(self.listen_ports)
-            log.info("listening on %s port %s", host or self.cfg.listen_host, self.listen_ports)
-            await trio.serve_listeners(self._handle, listeners, handler_nursery=nursery)
+        try:
+            async with trio.open_nursery() as nursery:
+                if self.home is not None:
+                    await nursery.start(self._admin_server)
+                nursery.start_soon(self._ack_flusher)
+                task_status.started(self.listen_ports)
+                log.info("listening on %s port %s", host or self.cfg.listen_host, self.listen_ports)
+                await trio.serve_listeners(self._handle, listeners, handler_nursery=nursery)
+        finally:
+            for sock in self._mcast.values():
+                sock.close()
+            self._mcast.clear()
 
     async def _ack_flusher(self) -> None:
         while True:
