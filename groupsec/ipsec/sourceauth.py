@@ -412,6 +412,7 @@ class SourceAuthenticator:
         if mode == "none":
             raise PolicyError("source_auth 'none' needs no verifier")
         self.keys = keys if isinstance(keys, SenderKeys) else SenderKeys(keys)
+        self._get_key = self.keys._keys.get  # the live dict: revocations apply at once
         self.mode = mode
         self.max_windows = max_windows
         # window signature -> (sender key ID, COUNT-1, the key that verified it, authenticated
@@ -464,7 +465,7 @@ class SourceAuthenticator:
         end = n - BATCH_FIXED_LEN - depth * HASH_LEN
         if end < MIN_PROTECTED_LEN:
             raise BadPacket("packet too short for its batch trailer")
-        pub = self.keys.get(key_id)
+        pub = self._get_key(key_id)
         if pub is None:
             raise self._fail(f"no authorized sender key for {key_id} (unknown or revoked sender)")
         mv = data if isinstance(data, memoryview) else memoryview(data)
@@ -545,19 +546,26 @@ class SourceVerifier:
         else:
             self.auth = SourceAuthenticator(keys, mode or "sign", max_windows)
         self.mode = self.auth.mode
-        self._shared = sa.params.sender_id_bits > 0
+        bits = sa.params.sender_id_bits
+        self._shared = bits > 0
+        self._shift = 64 - bits if bits else 0
+        self._verify = self.auth._verify_batched if self.mode == "sign-batched" else self.auth.verify_untrusted
+        self._precheck = self._replay_precheck
         self._key_id = sa.params.spi if key_id is None else key_id
 
     def open_esp_untrusted(self, data: bytes | memoryview, now: float) -> tuple[int, bytes, int]:
         sa = self.sa
         try:
-            if len(data) < MIN_PROTECTED_LEN:
+            shift = self._shift
+            if shift:
+                if len(data) < 16:
+                    raise BadPacket("packet too short for an ESP header with an IV")
+                key_id = int.from_bytes(data[8:16], "big") >> shift  # the RFC 6054 sender ID
+            elif len(data) < MIN_PROTECTED_LEN:
                 raise BadPacket("packet too short for an ESP header")
-            if self._shared:
-                key_id = sender_key_id_untrusted(sa.params, data)
             else:
                 key_id = self._key_id  # the SPI, or the owner's sender ID
-            packet = self.auth.verify_untrusted(data, key_id, self._replay_precheck)
+            packet = self._verify(data, key_id, self._precheck)
         except PacketDropped as exc:
             sa.count_drop(exc)
             raise
