@@ -31,6 +31,7 @@ from groupsec.errors import (
     BadPacket,
     LocalProtocolError,
     PacketDropped,
+    ReplayDetected,
     SAExpired,
     UnknownSPI,
 )
@@ -46,6 +47,8 @@ _INF = float("inf")
 _SPISEQ = struct.Struct("!II")
 _HDR_IV = struct.Struct("!IIQ")
 _NONCE = struct.Struct("!4sQ")
+# _PADLEN[padlen]: the padding followed by the pad length byte, what a trailer must end with
+_PADLEN = [PAD[p] + bytes((p,)) for p in range(256)]
 # _TRAILER4[padlen][nh]: the trailer of a 4-byte aligned suite
 _TRAILER4 = [[PAD[p] + bytes((p, nh)) for nh in range(256)] for p in range(4)]
 
@@ -162,7 +165,8 @@ class SecurityAssociation:
         if lt.hard_seconds:
             t.append(self._start + lt.hard_seconds)
         self._time_check = min(t)
-        self._in_hard_pkt = lt.hard_packets or _NEVER
+        # opening on an outbound SA is a misuse: route it to the slow path, which refuses it
+        self._in_hard_pkt = (lt.hard_packets or _NEVER) if self.direction == "in" else 0
         self._in_hard_bytes = lt.hard_bytes or _NEVER
 
     def _expire(self, reason: str) -> SAExpired:
@@ -204,6 +208,8 @@ class SecurityAssociation:
         self._recompute_checks()
 
     def _in_slow_pre(self, now: float) -> None:
+        if self.direction != "in":
+            raise LocalProtocolError("open on an outbound SA")
         lt = self._lt
         if self._expired:
             raise SAExpired(f"SA {self._spi:#x} has expired")
@@ -299,8 +305,6 @@ class SecurityAssociation:
         """Verify and decrypt an ESP core. Returns (next_header, payload, sender_id; 0 if none).
         Raises only ``PacketDropped`` subclasses, each counted under its ``reason``."""
         try:
-            if self.direction != "in":
-                raise LocalProtocolError("open on an outbound SA")
             n = len(data)
             if n < self._min_len:
                 raise BadPacket("ESP packet too short")
@@ -310,28 +314,35 @@ class SecurityAssociation:
             if now >= self._time_check or self._packets >= self._in_hard_pkt or self._bytes >= self._in_hard_bytes:
                 self._in_slow_pre(now)
             sender = 0
-            shift = self._sender_shift
-            if shift:
-                sender = int.from_bytes(data[8:16], "big") >> shift
+            if self._sender_shift:
+                sender = int.from_bytes(data[8:16], "big") >> self._sender_shift
                 if sender == 0:
                     raise BadPacket("sender ID 0 is reserved")
             window = self._windows.get(sender)
             if window is None:
                 window = self.window_for(sender)
-            window.check(seq)
-            if self._kind == "aead":
-                assert self._aead_decrypt is not None
+            # the replay check of ReplayWindow.check, inlined (no state change before the ICV verifies)
+            top = window.top
+            if seq <= top and (seq == 0 or top - seq >= window.size or (window._bitmap >> (top - seq)) & 1):
+                raise ReplayDetected("replayed or too old sequence number")
+            dec = self._aead_decrypt
+            if self._kind == "aead" and dec is not None:
                 try:
-                    pt = self._aead_decrypt(self._salt + data[8:16], data[16:], data[:8])
+                    pt = dec(self._salt + data[8:16], data[16:], data[:8])
                 except InvalidTag:
                     raise AuthenticationFailed("ICV mismatch") from None
             else:
                 pt = self._open_general(data, n)
             padlen = pt[-2]
-            m = len(pt) - 2 - padlen
-            if m < 0 or pt[m:-2] != PAD[padlen]:
+            if not pt.endswith(_PADLEN[padlen], 0, len(pt) - 1):
                 raise BadPacket("bad ESP padding")
-            window.accept(seq)
+            m = len(pt) - 2 - padlen
+            if seq > top:
+                shift = seq - top
+                window._bitmap = ((window._bitmap << shift) | 1) & window._mask if shift < window.size else 1
+                window.top = seq
+            else:
+                window._bitmap |= 1 << (top - seq)
             self._packets += 1
             self._bytes += m
             if self._packets >= self._pkt_check or self._bytes >= self._bytes_check:

@@ -82,8 +82,9 @@ def test_ah_lifetime_and_direction_misuse() -> None:
         protect(out, pkt, 0.0)
     with pytest.raises(LocalProtocolError):
         inb.seal_esp(4, b"", 0.0)
+    esp_out, _, _ = pair("aes-gcm-16-128")
     with pytest.raises(LocalProtocolError):
-        out.open_esp_untrusted(b"\x00" * 64, 0.0)
+        esp_out.open_esp_untrusted(esp_out.seal_esp(4, b"own packet", 0.0), 0.0)
 
 
 # --- sender IDs (RFC 6054) --------------------------------------------------------------------
