@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "groupsec.controller.cli_serve",
     "groupsec.bench",
     "groupsec.inspect",
+    "groupsec.demo",
 ]
 
 
