@@ -17,6 +17,7 @@ from typing import Any
 from groupsec.errors import ConfigError, PolicyError
 from groupsec.ipsec.params import MAX_REPLAY_WINDOW, MIN_REPLAY_WINDOW
 from groupsec.ipsec.policy import GroupPolicy
+from groupsec.ipsec.sourceauth import source_auth_refusal
 from groupsec.ipsec.suites import AH_SUITES, ESP_SUITES, get_suite
 
 IP_PROTOCOLS = {"any": None, "udp": 17, "tcp": 6, "icmp": 1, "icmpv6": 58, "sctp": 132}
@@ -189,6 +190,10 @@ def _level(c: _Checker, group: str, level: str, d: dict[str, Any], base: dict[st
     if encap == 0 or protection == "ah":
         encap = None
     source_auth = c.choice(m, "source_auth", path, ("none", "sign", "sign-batched"), "none")
+    if source_auth_refusal(source_auth, datapath):
+        raise c.fail(f"{path}.source_auth", f"{source_auth_refusal(source_auth, datapath)} (datapath = \"xfrm\")")
+    if source_auth != "none" and protection == "ah":
+        raise c.fail(f"{path}.source_auth", f"{source_auth!r} is implemented for protection = \"esp\" only")
     members = m.get("members") if level else d.get("members")
     if members is not None and (not isinstance(members, list) or not all(isinstance(x, str) for x in members)):
         raise c.fail(f"{path}.members", "must be a list of member names")

@@ -24,6 +24,7 @@ from groupsec.controller.config import Config, LevelConfig
 from groupsec.controller.store import Store
 from groupsec.errors import ConfigError
 from groupsec.ipsec.params import SAParams
+from groupsec.ipsec.sourceauth import source_auth_refusal
 from groupsec.keys.tek import new_kek, new_sa, random_spi
 from groupsec.protocol.messages import Grant, GroupRequest, SAGrant
 
@@ -108,6 +109,9 @@ class GroupManager:
                 names = ", ".join(x.level for x in lvls if x.level) or "none"
                 raise ConfigError(f"--group {g}:{role}:{lv}: unknown level (levels of {g}: {names})")
             for lc in lvls if not lv else [self.config.levels[(g, lv)]]:
+                why = source_auth_refusal(lc.policy.source_auth, "xfrm") if xfrm else None
+                if why:
+                    raise ConfigError(f"--group {g}:{role}: {why}")
                 if xfrm and role == "sender" and lc.shared_sender_ids:
                     raise ConfigError(f"--group {g}:{role}: an XFRM sender cannot use the shared counter-mode SA of "
                                       f"{g} (Linux cannot put a sender ID in the IV): set sender_policy = "
@@ -139,6 +143,10 @@ class GroupManager:
             for lc in lvls:
                 if req.role not in self._roles_in(rec, lc) or (lc.members is not None and name not in lc.members):
                     why = f"{name} is not authorized as {req.role} of {lc.group}/{lc.level or '-'}"
+                    continue
+                refusal = source_auth_refusal(lc.policy.source_auth, rec.get("datapath") or "any")
+                if refusal:
+                    why = f"{lc.group}: {refusal}"
                     continue
                 if req.role == "sender" and rec.get("datapath") == "xfrm" and lc.shared_sender_ids:
                     why = f"{lc.group}: XFRM senders need per-sender SAs (no sender ID in the kernel's IV)"

@@ -591,21 +591,26 @@ def check_mode(mode: str) -> None:
         raise PolicyError(f"source_auth {mode!r} is not one of {', '.join(MODES)}")
 
 
+def source_auth_refusal(mode: str, datapath: str) -> str | None:
+    """Why a member on ``datapath`` cannot take part in a group with ``source_auth = mode``, or
+    None. Linux XFRM has no signature transform: an XFRM member could neither sign nor verify."""
+    check_mode(mode)
+    if mode != "none" and datapath == "xfrm":
+        return (f"source_auth {mode!r} needs the userspace data path: the kernel (xfrm) has no signature "
+                "transform; set source_auth = 'none' or use the userspace data path")
+    return None
+
+
 def check_source_auth_datapaths(group: str, mode: str, member_datapaths: Mapping[str, str]) -> None:
-    """Refuse ``source_auth`` for a group with members on the kernel (XFRM) data path: Linux has
-    no signature transform, so those members could neither sign nor verify.
+    """Refuse ``source_auth`` for a group with members on the kernel (XFRM) data path.
 
     ``member_datapaths`` maps member name -> data path kind ("userspace", "xfrm", ...).
     Raises ``PolicyError`` naming the group, the mode and the offending members."""
     check_mode(mode)
-    if mode == "none":
-        return
-    xfrm = sorted(name for name, kind in member_datapaths.items() if kind == "xfrm")
+    xfrm = sorted(name for name, kind in member_datapaths.items() if source_auth_refusal(mode, kind))
     if xfrm:
-        raise PolicyError(
-            f"group {group}: source_auth {mode!r} needs the userspace data path, but "
-            f"{', '.join(xfrm)} use{'s' if len(xfrm) == 1 else ''} xfrm (the kernel has no signature transform); "
-            "set source_auth = 'none' or move those members to the userspace data path")
+        raise PolicyError(f"group {group}: {', '.join(xfrm)} use{'s' if len(xfrm) == 1 else ''} xfrm, but "
+                          f"{source_auth_refusal(mode, 'xfrm')}")
 
 
 def generate_signing_key() -> Ed25519PrivateKey:
