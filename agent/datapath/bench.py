@@ -198,11 +198,11 @@ async def _agent(spec: dict[str, Any]) -> None:
         while True:
             line = await trio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
             if not line or line.strip() == "quit":
+                _emit(dp.statistics())  # the final figures, before the groups are torn down
                 break
             if line.strip() == "stats":
                 _emit(dp.statistics())
         nursery.cancel_scope.cancel()
-    _emit(dp.statistics())
 
 
 def main(argv: list[str] | None = None) -> int:

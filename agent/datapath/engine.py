@@ -18,12 +18,14 @@ purpose: the same-run baseline of ``groupsec bench datapath``.
 
 from __future__ import annotations
 
+import os
 import struct
 from typing import Any, Literal
 
 from agent.datapath.base import GroupInstall
 from groupsec.errors import BadPacket, GroupSecError, LocalProtocolError, PacketDropped
 from groupsec.ipsec import ip as ipmod
+from groupsec.ipsec import packet as pktmod
 from groupsec.ipsec import udpencap
 from groupsec.ipsec.params import SAParams
 from groupsec.ipsec.policy import GroupPolicy
@@ -86,6 +88,7 @@ class GroupEngine:
         self._tunnel_nh = _PROTO_IPV4 if self._version == 4 else _PROTO_IPV6
         self._fast_tunnel = wire == "encap" and self._version == 4
         self._any_source: dict[int, SecurityAssociation] = {}
+        self._ident = int.from_bytes(os.urandom(2), "big")
         # the IPv4 header checksum without its total length (which is all that changes)
         self._v4_sum = sum(struct.unpack("!10H", ipmod.ipv4_header(self._src_packed, self._dst_packed, _PROTO_UDP,
                                                                   0, ttl=ttl)[:10] + b"\0\0" +
@@ -184,16 +187,16 @@ class GroupEngine:
         n = len(payload)
         if self._version != 4 or n > 65507:
             return ipmod.build_udp_packet(self.src_address, self._dst, sport, dport, bytes(payload), ttl=self.ttl)
-        c = self._v4_sum + 28 + n
+        # a non-zero IP ID: with IP_HDRINCL Linux replaces an ID of 0, which AH's ICV covers
+        ident = self._ident = self._ident % 0xFFFF + 1
+        c = self._v4_sum + 28 + n + ident
         c = (c & 0xFFFF) + (c >> 16)
         c = (c & 0xFFFF) + (c >> 16)
-        return _V4UDP.pack(0x45, 0, 28 + n, 0, 0, self.ttl, _PROTO_UDP, ~c & 0xFFFF, self._src_packed,
+        return _V4UDP.pack(0x45, 0, 28 + n, ident, 0, self.ttl, _PROTO_UDP, ~c & 0xFFFF, self._src_packed,
                            self._dst_packed, sport, dport, 8 + n, 0) + payload
 
     def _seal_ip(self, sa: SecurityAssociation, pkt: bytes, now: float) -> bytes:
         if self.wire == "raw":
-            from groupsec.ipsec import packet as pktmod
-
             return pktmod.protect(sa, pkt, now)
         if sa.params.mode == "tunnel":
             return sa.seal_esp(self._tunnel_nh, pkt, now)
@@ -237,8 +240,6 @@ class GroupEngine:
 
     def open_raw_untrusted(self, pkt: bytes | memoryview, now: float) -> Opened:
         """Open one ESP/AH IP packet (from a raw socket)."""
-        from groupsec.ipsec import packet as pktmod  # (TEMP until packet.py lands)
-
         inner, _sa = pktmod.unprotect_untrusted(self.sad, bytes(pkt), now)
         return self._check_inner(bytes(inner))
 

@@ -161,7 +161,9 @@ class RawWire:
         key = socket.inet_aton(engine.policy.dst)
         self.groups.setdefault(key, []).append((engine, deliver))
         if not self._joined.get(key):
-            so.join_group(self.rx[so.IPPROTO_ESP], engine.policy.dst, self.iface, engine.policy.src)
+            # every raw socket joins: with IP_MULTICAST_ALL off, a raw socket only sees its own groups
+            for s in self.rx.values():
+                so.join_group(s, engine.policy.dst, self.iface, engine.policy.src)
         self._joined[key] = self._joined.get(key, 0) + 1
 
     def remove_group(self, engine: GroupEngine) -> None:
@@ -174,12 +176,11 @@ class RawWire:
         self._joined[key] = self._joined.get(key, 1) - 1
         if self._joined[key] <= 0:
             self._joined.pop(key, None)
-            try:
-                self.rx[so.IPPROTO_ESP].setsockopt(
-                    socket.IPPROTO_IP, socket.IP_DROP_MEMBERSHIP,
-                    key + socket.inet_aton(self.iface.address))
-            except OSError:
-                pass
+            for s in self.rx.values():
+                try:
+                    s.setsockopt(socket.IPPROTO_IP, socket.IP_DROP_MEMBERSHIP, key + socket.inet_aton(self.iface.address))
+                except OSError:
+                    pass
 
     def send(self, pkt: bytes) -> None:
         try:
