@@ -197,7 +197,9 @@ class Grant:
     def to_wire(self) -> dict[str, Any]:
         return {"policy": self.policy.to_dict(), "role": self.role, "sas": [s.to_wire() for s in self.sas],
                 "kek_epoch": self.kek_epoch, "kek": self.kek, "msg_id": self.msg_id,
-                "sender_id": self.sender_id, "sender_keys": self.sender_keys, "extra": self.extra}
+                "sender_id": self.sender_id, "extra": self.extra,
+                # [[key_id, 32-byte key], ...]: a list, since control-protocol maps have string keys only
+                "sender_keys": [[k, v] for k, v in sorted(self.sender_keys.items())]}
 
     @classmethod
     def from_wire_untrusted(cls, d: Any) -> Grant:
@@ -207,9 +209,13 @@ class Grant:
             policy = GroupPolicy.from_dict(check(d, "policy", "dict"))
         except (PolicyError, TypeError, ValueError) as exc:
             raise _bad(f"bad group policy: {exc}") from None
-        sk = check(d, "sender_keys", "dict", True) or {}
-        if not all(isinstance(k, int) and isinstance(v, bytes) and len(v) == 32 for k, v in sk.items()):
-            raise _bad("sender_keys must map int to 32-byte keys")
+        raw_sk = d.get("sender_keys") or []
+        pairs = list(raw_sk.items()) if isinstance(raw_sk, dict) else raw_sk
+        if not isinstance(pairs, list) or len(pairs) > MAX_LIST or not all(
+                isinstance(p, list | tuple) and len(p) == 2 and type(p[0]) is int and 0 <= p[0] <= 0xFFFFFFFF
+                and isinstance(p[1], bytes) and len(p[1]) == 32 for p in pairs):
+            raise _bad("sender_keys must be a list of [key ID, 32-byte key] pairs")
+        sk = {int(p[0]): p[1] for p in pairs}
         kek = check(d, "kek", "bytes")
         if len(kek) != 32:
             raise _bad("KEK must be 32 bytes")

@@ -6,12 +6,15 @@ from __future__ import annotations
 import tomllib
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from groupsec.controller.config import parse_config
 from groupsec.controller.groups import GroupManager, Refusal
 from groupsec.controller.store import MemoryStore
-from groupsec.errors import ConfigError
-from groupsec.protocol.messages import GroupRequest
+from groupsec.errors import ConfigError, RemoteProtocolError
+from groupsec.ipsec.policy import GroupPolicy
+from groupsec.ipsec.sourceauth import public_key_bytes
+from groupsec.protocol.messages import Grant, GroupRequest, Registered, decode_message_untrusted
 
 GROUP = '[groups.cams]\ndst = "239.7.7.7"\nrekey_channel = "239.7.7.255:7500"\nsender_policy = "per-sender"\n'
 
@@ -43,3 +46,16 @@ def test_xfrm_members_are_refused_for_source_auth_groups() -> None:
     assert refused.code == "not-authorized"
     assert "no signature transform" in refused.message
     assert gm.authorize("u1", None, [GroupRequest("cams", "receiver")]) == {("cams", ""): {"receiver"}}
+
+
+def test_grant_carries_sender_keys_through_the_strict_decoder() -> None:
+    """Registered is decoded with strict_map_key (string keys only): sender_keys travel as pairs."""
+    keys = {7: public_key_bytes(Ed25519PrivateKey.generate()), 300: public_key_bytes(Ed25519PrivateKey.generate())}
+    g = Grant(GroupPolicy("cams", "239.7.7.7", source_auth="sign"), "receiver", (), 1, bytes(32), 1,
+              sender_keys=keys)
+    msg = decode_message_untrusted(Registered("m", [g.to_wire()], bytes(32), 0.0, 30.0).encode())
+    assert isinstance(msg, Registered)
+    assert msg.grant_objects()[0].sender_keys == keys
+    bad = g.to_wire() | {"sender_keys": [[7, b"short"]]}
+    with pytest.raises(RemoteProtocolError, match="sender_keys must be a list"):
+        Grant.from_wire_untrusted(bad)
