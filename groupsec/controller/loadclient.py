@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group", action="append", required=True, metavar="G:ROLE[:LEVEL]")
     ap.add_argument("--concurrency", type=int, default=100)
     ap.add_argument("--start-at", type=float, help="wall-clock time to start (synchronise processes)")
+    ap.add_argument("--wait-stdin", action="store_true", help="print 'ready' on stderr, start on a line on stdin")
     args = ap.parse_args(argv)
     contexts = contexts_from(Path(args.creds), Path(args.ca))
     groups = []
@@ -169,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         g, role, *lv = spec.split(":")
         groups.append({"group": g, "role": role, "level": lv[0] if lv else ""})
     print("ready", file=sys.stderr, flush=True)
+    if args.wait_stdin:
+        sys.stdin.readline()
     res = trio.run(run_many, args.host, args.port, contexts, groups, args.concurrency, args.start_at)
     sys.stdout.write(json.dumps(res) + "\n")
     return 0
