@@ -17,6 +17,7 @@ BENCHES = {
     "register": "controller registrations per second over TLS 1.3 from client processes",
     "datapath": "protected vs plaintext relay over loopback multicast",
     "sourceauth": "per-packet and batched Ed25519 source authentication vs the same SA without it",
+    "evict": "LKH eviction rekey size and compute time vs per-member wrapping",
 }
 
 
