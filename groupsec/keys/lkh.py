@@ -476,12 +476,15 @@ class LKHTree:
         if member in self._by_member:
             raise LocalProtocolError(f"{member!r} is already a member")
         needs_split = self._best_slot()[1] is not None
-        needs_msg = needs_split or self.backward_access_control
+        # an empty group's root key is known to nobody (a fresh tree, or refreshed when the last
+        # member was evicted), so there is nothing to refresh and nobody to send it to
+        refresh = self.backward_access_control and len(self) > 0
+        needs_msg = needs_split or refresh
         epoch = self.epoch + 1 if needs_msg else self.epoch
         parent, split = self._take_slot(epoch)
         wraps = [] if split is None else [self._wrap(parent, split)]
         leaf = self._attach(self._new_node(epoch, member), parent)
-        if self.backward_access_control:
+        if refresh:
             node = parent if split is None else self._nodes[parent.parent]  # type: ignore[index]
             while True:
                 old_version, old_key = node.version, node.key

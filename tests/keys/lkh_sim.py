@@ -93,7 +93,8 @@ class Group:
         tree = self.tree
         assert set(self.states) == set(tree.members())
         for name, st in self.states.items():
-            assert st.kek == tree.kek and st.epoch == tree.epoch
+            assert st.kek == tree.kek
+            assert st.epoch == tree.epoch
             # a member holds exactly its path: no stale keys are kept
             path = tree.path_for(name)
             assert {(k.node_id, k.version, k.key) for k in st.keys} == {(k.node_id, k.version, k.key)

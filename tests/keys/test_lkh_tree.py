@@ -146,8 +146,11 @@ def test_persistence_round_trip() -> None:
     tree = group.tree
     stored = msgpack.unpackb(msgpack.packb(tree.to_dict(), use_bin_type=True), raw=False)
     restored = LKHTree.from_dict(stored)
-    assert restored.kek == tree.kek and restored.epoch == tree.epoch and sorted(restored.members()) == sorted(tree.members())
-    assert restored.degree == 3 and restored.backward_access_control
+    assert restored.kek == tree.kek
+    assert restored.epoch == tree.epoch
+    assert sorted(restored.members()) == sorted(tree.members())
+    assert restored.degree == 3
+    assert restored.backward_access_control
     for m in tree.members():
         assert restored.path_for(m) == tree.path_for(m)
     # the members' existing states follow the restored tree
@@ -209,7 +212,8 @@ def test_member_gap_stale_and_resync() -> None:
     assert a.kek == tree.kek
     assert a.apply_rekey(tree.evict(["m3"])) == tree.kek
     restored = MemberKeyState.from_dict(msgpack.unpackb(msgpack.packb(a.to_dict()), raw=False))
-    assert restored.kek == a.kek and restored.epoch == a.epoch
+    assert restored.kek == a.kek
+    assert restored.epoch == a.epoch
     assert restored.apply_rekey(tree.evict(["m4"])) == tree.kek
 
 
@@ -234,7 +238,8 @@ def test_everyone_evicted() -> None:
     msg = tree.evict(["a", "b"])
     with pytest.raises(BadRekey):
         a.apply_rekey(msg)
-    assert len(tree) == 0 and tree.depth() == 0
+    assert len(tree) == 0
+    assert tree.depth() == 0
     res = tree.join("c")
     assert MemberKeyState(res.path).kek == tree.kek
 
@@ -249,7 +254,8 @@ def test_reprs_hide_keys() -> None:
              str(group.messages[0].wraps[0])]
     for text in texts:
         for s in secrets:
-            assert repr(s)[2:-1][:16] not in text and s.hex()[:16] not in text
+            assert repr(s)[2:-1][:16] not in text
+            assert s.hex()[:16] not in text
 
 
 def test_eviction_rebalances_a_caterpillar() -> None:

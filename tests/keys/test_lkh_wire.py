@@ -55,7 +55,8 @@ def test_encoding_layout() -> None:
     assert [b[0] for b in blocks] == list(msg.targets)
     assert sum(len(b[1]) // 2 for b in blocks) == len(msg.wraps)
     assert all(len(b[2]) == WRAPPED_LEN * len(b[1]) // 2 for b in blocks)
-    assert set(removed) == set(msg.removed) and len(removed) >= 2  # the two evicted leaves at least
+    assert set(removed) == set(msg.removed)
+    assert len(removed) >= 2
     # per wrap on the wire: two small ints and 40 bytes; nothing else grows with the wrap count
     assert len(msg.encode()) < len(msg.wraps) * (WRAPPED_LEN + 10) + len(blocks) * 12 + 64
 
@@ -153,10 +154,12 @@ def test_lkh_rekey_through_signed_datagrams() -> None:
     msg = tree.evict([tree.deepest_member(), "m17", "m2999"])  # type: ignore[list-item]
     datagrams = build_rekey_datagrams(signer, old_epoch, old_kek, "g", "default", 9, "lkh",
                                       {"lkh": msg.encode()}, 100.0)
-    assert len(datagrams) > 1 and all(len(d) <= 1200 for d in datagrams)
+    assert len(datagrams) > 1
+    assert all(len(d) <= 1200 for d in datagrams)
     r = Reassembler()
     out = None
     for d in reversed(datagrams):
         out = r.add(open_rekey_untrusted(d, [signer.public_key()], {old_epoch: old_kek}), 100.0)
-    assert out is not None and out.kind == "lkh"
+    assert out is not None
+    assert out.kind == "lkh"
     assert member.apply_rekey(RekeyMessage.decode_untrusted(out.extra["lkh"])) == tree.kek
