@@ -24,7 +24,7 @@ from groupsec.controller.config import Config, LevelConfig
 from groupsec.controller.store import Store
 from groupsec.errors import ConfigError
 from groupsec.ipsec.params import SAParams
-from groupsec.ipsec.sourceauth import source_auth_refusal
+from groupsec.ipsec.sourceauth import generate_signing_key, public_key_bytes, source_auth_refusal
 from groupsec.keys.tek import new_kek, new_sa, random_spi
 from groupsec.protocol.messages import Grant, GroupRequest, SAGrant
 
@@ -234,6 +234,9 @@ class GroupManager:
             raise ConfigError(f"{lc.group}/{lc.level or '-'}: no free sender ID ({lc.sender_id_bits} bits)")
         st = _copy(st)
         st["sender_ids"][name] = free
+        if lc.policy.source_auth != "none":  # the sender's Ed25519 source-auth key (docs/SOURCE_AUTH.md s7)
+            sk = generate_signing_key()
+            st.setdefault("signing_keys", {})[name] = [sk.private_bytes_raw(), public_key_bytes(sk)]
         spis: set[int] = set()
         new: list[dict[str, Any]] = []
         if lc.policy.sender_policy == "per-sender":
@@ -243,10 +246,14 @@ class GroupManager:
                 new.append(SAGrant(SAParams.from_dict(sa), "in", gen["activate_at"], gen["deactivate_at"]).to_wire())
         plan = None
         extra = None
-        if new:
+        if new or lc.policy.source_auth != "none":
             st["msg_id"] += 1
-            plan = RekeyPlan(lc.group, lc.level, st["msg_id"], st["kek_epoch"], "rekey",
-                             {"sas": new, "owners": self._owners(st)}, now)
+            inner: dict[str, Any] = {"sas": new}
+            if new:
+                inner["owners"] = self._owners(st)
+            if lc.policy.source_auth != "none":
+                inner["sender_keys"] = self._sender_keys(st)
+            plan = RekeyPlan(lc.group, lc.level, st["msg_id"], st["kek_epoch"], "rekey", inner, now)
             extra = {f"rekey/{lc.group}/{lc.level}": _plan_record(plan)}
         self._commit(lc, st, spis, extra)
         return plan
@@ -257,6 +264,12 @@ class GroupManager:
         control-protocol maps have string keys only)."""
         return sorted([SAParams.from_dict(sa).spi, st["sender_ids"][n]]
                       for gen in st["gens"] for n, sa in gen["sender_sas"].items() if n in st["sender_ids"])
+
+    @staticmethod
+    def _sender_keys(st: dict[str, Any]) -> dict[int, bytes]:
+        """Source auth: sender ID -> Ed25519 public key of every current sender."""
+        return {st["sender_ids"][n]: pair[1] for n, pair in sorted((st.get("signing_keys") or {}).items())
+                if n in st["sender_ids"]}
 
     def grant(self, name: str, lc: LevelConfig, roles: set[str]) -> Grant:
         st = self.state(lc.group, lc.level)
@@ -282,8 +295,16 @@ class GroupManager:
         extra: dict[str, Any] = {}
         if lc.policy.sender_policy == "per-sender":
             extra["owners"] = self._owners(st)
+        sender_keys: dict[int, bytes] = {}
+        if lc.policy.source_auth != "none":
+            if "receiver" in roles:
+                sender_keys = self._sender_keys(st)
+            pair = (st.get("signing_keys") or {}).get(name) if sender else None
+            if pair is not None:
+                extra["signing_key"] = pair[0]  # this sender's private key: only over its own TLS session
         return Grant(policy=lc.policy, role="sender" if sender else "receiver", sas=tuple(sas), kek_epoch=epoch,
-                     kek=st["keks"][epoch], msg_id=st["msg_id"], sender_id=sender_id, extra=extra)
+                     kek=st["keks"][epoch], msg_id=st["msg_id"], sender_id=sender_id, sender_keys=sender_keys,
+                     extra=extra)
 
     # ---- rekeys ----------------------------------------------------------------------------
 
@@ -313,6 +334,8 @@ class GroupManager:
         inner: dict[str, Any] = {"sas": self._gen_grants(st), "revoked_senders": list(st["revoked_senders"])}
         if lc.policy.sender_policy == "per-sender":
             inner["owners"] = self._owners(st)
+        if lc.policy.source_auth != "none":
+            inner["sender_keys"] = self._sender_keys(st)
         if new_kek_inline:
             st["kek_epoch"] = epoch + 1
             st["keks"] = {epoch: st["keks"][epoch], epoch + 1: new_kek()}
@@ -354,6 +377,7 @@ class GroupManager:
             sid = st["sender_ids"].pop(name, None)
             if sid is not None:
                 st["revoked_senders"].append(sid)
+            (st.get("signing_keys") or {}).pop(name, None)
             for gen in st["gens"]:
                 gen["sender_sas"].pop(name, None)
             epoch = st["kek_epoch"] + 1
