@@ -29,7 +29,7 @@ from agent.datapath.base import GroupInstall
 from agent.datapath.engine import GroupEngine, PlainEngine
 from agent.datapath.relay import Relay, RelayConfig
 from agent.datapath.userspace import TunConfig, UserspaceConfig, UserspaceDatapath
-from agent.datapath.wire import EncapWire
+from agent.datapath.wire import DEFAULT_RCVBUF, EncapWire
 from groupsec.ipsec.params import SAParams
 from groupsec.ipsec.policy import GroupPolicy
 from groupsec.ipsec.suites import get_suite
@@ -99,14 +99,15 @@ def _bench_pipeline(spec: dict[str, Any], relay: RelayConfig) -> tuple[GroupEngi
     else:
         engine = PlainEngine(inst.policy, iface.address)
     assert inst.policy.udp_encap_port is not None
-    wire = EncapWire(engine, iface, inst.policy.udp_encap_port, ttl=1, loop=True, rcvbuf=spec.get("rcvbuf", 8 << 20))
+    # the data path's own default socket buffers: the figures are those of a default agent
+    wire = EncapWire(engine, iface, inst.policy.udp_encap_port, ttl=1, loop=True)
     r = Relay(engine, relay, wire.send)
     wire.deliver = r.deliver
     return engine, wire, r
 
 
 async def _bench_recv(spec: dict[str, Any]) -> None:
-    sink = so.open_udp(("127.0.0.1", 0), rcvbuf=spec.get("rcvbuf", 8 << 20))
+    sink = so.open_udp(("127.0.0.1", 0), rcvbuf=DEFAULT_RCVBUF)
     engine, wire, relay = _bench_pipeline(spec, RelayConfig(listen=None, deliver=sink.getsockname()[:2]))
     count = 0
     first = last = 0.0

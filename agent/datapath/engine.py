@@ -107,6 +107,9 @@ class GroupEngine:
         if install.policy.key != self.policy.key or install.policy.dst != self.policy.dst:
             raise LocalProtocolError("an install for another group (or group address) was applied to this engine")
         self.policy = install.policy
+        pol = self.policy
+        # the inline receive check: the port a UDP packet must have (-1: let _check_inner decide)
+        self._port_fast = pol.port if pol.port is not None and pol.ip_proto in (None, _PROTO_UDP) else -1
         wanted: dict[int, SAParams] = {}
         for p in install.inbound:
             if p.dst != self.policy.dst:
@@ -153,12 +156,20 @@ class GroupEngine:
         sa = self.outbound
         if sa is None:
             raise ReceiveOnly(f"group {self.policy.group!r}: this member is receive-only (no outbound SA)")
-        if self._fast_tunnel and sa.params.mode == "tunnel":
-            data = sa.seal_esp(_PROTO_IPV4, self._inner_udp(payload, sport, dport), now)
+        n = len(payload)
+        if self._fast_tunnel and n <= 65507 and sa.params.mode == "tunnel":
+            # _inner_udp inline (the hot path of the relay and GroupSocket)
+            ident = self._ident = self._ident % 0xFFFF + 1
+            c = self._v4_sum + 28 + n + ident
+            c = (c & 0xFFFF) + (c >> 16)
+            c = (c & 0xFFFF) + (c >> 16)
+            data = sa.seal_esp(_PROTO_IPV4, _V4UDP.pack(0x45, 0, 28 + n, ident, 0, self.ttl, _PROTO_UDP, ~c & 0xFFFF,
+                                                        self._src_packed, self._dst_packed, sport, dport, 8 + n, 0)
+                               + payload, now)
         else:
             data = self._seal_ip(sa, self._inner_udp(payload, sport, dport), now)
         self.tx_packets += 1
-        self.tx_bytes += len(payload)
+        self.tx_bytes += n
         return data
 
     def seal_packet(self, pkt: bytes, now: float) -> bytes:
@@ -221,13 +232,23 @@ class GroupEngine:
                 raise Keepalive("NAT keepalive")
             raise PlaintextForGroup("non-ESP datagram on the encapsulation port")
         sa = self._any_source.get(spi) or self.sad.lookup(spi, self._dst, outer_src)
-        nh, inner, _sender = sa.open_esp_untrusted(data, now)
+        nh, pkt, _sender = sa.open_esp_untrusted(data, now)
+        if nh == _PROTO_IPV4 and sa.params.mode == "tunnel":
+            # the common case inline: an option-less, unfragmented IPv4/UDP packet to the group
+            n = len(pkt)
+            if n >= 28 and pkt[0] == 0x45:
+                _, _, total, _, ff, _, proto, _, _, dst, _, dport, ulen, _ = _V4UDP.unpack_from(pkt)
+                if proto == _PROTO_UDP and total == n and not ff & 0x3FFF and 8 <= ulen <= n - 20 and \
+                        dst == self._dst_packed and dport == self._port_fast:
+                    self.rx_packets += 1
+                    self.rx_bytes += n
+                    return pkt, memoryview(pkt)[28 : 20 + ulen]
+            return self._check_inner(pkt)
         if sa.params.mode == "tunnel":
             if nh != self._tunnel_nh:
                 raise NotForGroup(f"tunnel SA carried next header {nh}")
-            pkt = inner
         elif nh == _PROTO_UDP:
-            pkt = self._udp_from_segment(outer_src, bytes(inner))
+            pkt = self._udp_from_segment(outer_src, pkt)
         else:
             raise NotForGroup(f"transport-mode ESP-in-UDP carried next header {nh}, not UDP")
         return self._check_inner(pkt)
