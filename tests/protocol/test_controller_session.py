@@ -349,3 +349,27 @@ def test_kek_rollover_inline_and_crash_resume(env):
     m = open_rekey_untrusted(resent[0], [app.signing_key.public_key()], {1: st["keks"][1]})
     assert m.msg_id == plan.msg_id
     assert m.new_kek == st["keks"][2]
+
+
+def test_leaving_one_level_rekeys_it_and_keeps_the_other(env):
+    app, _, _ = env
+    d, c = Peer(app, "dave"), Peer(app, "carol")
+    [r] = d.register(("tv", "receiver", ""))
+    old = {g.policy.level: g for g in _grants(r)}
+    c.register(("tv", "receiver", "sd"))
+    rec = app.store.get("member/dave")
+    rec["groups"] = [["tv", "receiver", "sd"], ["plant", "sender", ""]]  # `groupsec member set`: downgrade
+    app.store.commit({"member/dave": rec})
+    assert app.reload_member("dave", [["tv", "hd"]]) == 1
+    assert not d.s.closed
+    assert d.s.levels == {("tv", "sd")}
+    assert d.recv() == []  # nothing of the new hd state reaches dave
+    hd = app.manager.state("tv", "hd")
+    assert hd["kek_epoch"] == 2
+    assert hd["keks"][2] != old["hd"].kek
+    assert app.manager.state("tv", "sd")["kek_epoch"] == 1  # sd untouched, dave keeps it
+    assert c.recv() == []  # carol is not in hd: no push for her either
+    [rr] = d.send(Resync("tv", "sd", 0))
+    assert Grant.from_wire_untrusted(rr.grant).kek == old["sd"].kek
+    [e] = d.send(Resync("tv", "hd", 0))
+    assert e.code == "not-authorized"
