@@ -76,6 +76,7 @@ _NODE = b"\x01"
 _SPI = struct.Struct("!I")
 _IV64 = struct.Struct("!Q")
 _sha256 = hashlib.sha256
+_INDEX_TYPE = [bytes((i, TYPE_BATCH)) for i in range(MAX_WINDOW)]  # INDEX || 0x02
 
 
 # --- Merkle tree (pure helpers) ---------------------------------------------------------------
@@ -109,11 +110,6 @@ def build_tree(leaves: list[bytes]) -> list[list[bytes]]:
         level = [node_hash(level[j], level[j + 1]) for j in range(0, len(level), 2)]
         levels.append(level)
     return levels
-
-
-def auth_path(levels: list[list[bytes]], index: int) -> bytes:
-    """The siblings of leaf ``index`` from the leaf level up, concatenated."""
-    return b"".join(levels[k][(index >> k) ^ 1] for k in range(len(levels) - 1))
 
 
 def batch_message(count: int, root: bytes) -> bytes:
@@ -231,7 +227,11 @@ class BatchSigner:
         tail = sig + bytes((count - 1,))
         self.windows += 1
         self.packets += count
-        return [p + auth_path(levels, i) + tail + bytes((i, TYPE_BATCH)) for i, p in enumerate(window)]
+        # every packet's PATH at once: the siblings per level, then joined per packet
+        sibs = [[lvl[i ^ 1] for i in range(len(lvl))] for lvl in levels[:-1]]
+        paths = [b"".join(col) for col in zip(*[[sl[i >> k] for i in range(count)] for k, sl in enumerate(sibs)],
+                                              strict=True)] if sibs else [b""] * count
+        return [p + path + tail + _INDEX_TYPE[i] for i, (p, path) in enumerate(zip(window, paths, strict=True))]
 
     def __repr__(self) -> str:
         return f"BatchSigner(max_packets={self.max_packets}, max_delay={self.max_delay}, pending={len(self._window)})"
@@ -266,45 +266,36 @@ class SigningSealer:
             raise TypeError(f"source_auth {mode!r} needs an Ed25519PrivateKey")
         self.sa = sa
         self.mode = mode
-        self._key = signing_key
+        self._key = signing_key if mode != "none" else None
         self._batch = BatchSigner(signing_key, max_packets, max_delay) \
             if mode == "sign-batched" and signing_key is not None else None
-        self.signatures = 0
+        self._signed = 0
 
     def seal_esp(self, next_header: int, payload: bytes, now: float) -> list[bytes]:
-        pkt = self.sa.seal_esp(next_header, payload, now)
-        return self.sign(pkt, now)
+        return self.sign(self.sa.seal_esp(next_header, payload, now), now)
 
     def sign(self, packet: bytes, now: float) -> list[bytes]:
-        """Sign a packet this sealer's SA already protected (e.g. from ``packet.protect``)."""
+        """Sign a packet this sealer's SA already protected."""
         if self._batch is not None:
-            out = self._batch.add(packet, now)
-            if out:
-                self.signatures += 1
-            return out
-        if self.mode == "sign":
-            self.signatures += 1
-            return [sign_packet(self._key, packet)]  # type: ignore[arg-type]
+            return self._batch.add(packet, now)
+        if self._key is not None:
+            self._signed += 1
+            return [sign_packet(self._key, packet)]
         return [packet]
 
     def get_timer(self) -> float | None:
         return self._batch.get_timer() if self._batch is not None else None
 
     def handle_timer(self, now: float) -> list[bytes]:
-        if self._batch is None:
-            return []
-        out = self._batch.handle_timer(now)
-        if out:
-            self.signatures += 1
-        return out
+        return self._batch.handle_timer(now) if self._batch is not None else []
 
     def flush(self) -> list[bytes]:
-        if self._batch is None:
-            return []
-        out = self._batch.flush()
-        if out:
-            self.signatures += 1
-        return out
+        return self._batch.flush() if self._batch is not None else []
+
+    @property
+    def signatures(self) -> int:
+        """Ed25519 signatures made: one per packet ("sign"), one per window ("sign-batched")."""
+        return self._batch.windows if self._batch is not None else self._signed
 
     def statistics(self) -> dict[str, Any]:
         return {"mode": self.mode, "signatures": self.signatures,
