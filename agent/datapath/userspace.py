@@ -42,7 +42,7 @@ from agent.datapath.groupsocket import GroupSocket
 from agent.datapath.relay import Relay, RelayConfig
 from agent.datapath.tun import TunDevice
 from agent.datapath.wire import DEFAULT_RCVBUF, DEFAULT_SNDBUF, EncapWire, PlaintextGuard, RawWire
-from groupsec.errors import ConfigError, LocalProtocolError
+from groupsec.errors import ConfigError, LocalProtocolError, PolicyError
 from groupsec.ipsec.policy import GroupPolicy
 
 __all__ = ["GroupSocket", "RelayConfig", "TunConfig", "UserspaceConfig", "UserspaceDatapath", "group_name"]
@@ -160,6 +160,11 @@ class UserspaceDatapath:
 
     def apply(self, install: GroupInstall) -> None:
         key = install.policy.key
+        if install.policy.source_auth != "none":
+            # fail closed: accepting such a group unverified would deliver packets that any
+            # member could have forged, and our own would go out unsigned
+            raise PolicyError(f"group {group_name(key)!r}: source_auth {install.policy.source_auth!r} "
+                              "is not implemented by the userspace data path yet")
         if self._nursery is None:
             self._pending[key] = install
             return
@@ -258,7 +263,11 @@ class UserspaceDatapath:
                     g.guard = PlaintextGuard(engine, iface, pol.port, ignore)
             else:
                 if self.raw is None:
-                    self.raw = RawWire(iface, rcvbuf=cfg.rcvbuf, sndbuf=cfg.sndbuf, clock=self._clock)
+                    try:
+                        self.raw = RawWire(iface, rcvbuf=cfg.rcvbuf, sndbuf=cfg.sndbuf, clock=self._clock)
+                    except OSError as exc:
+                        raise ConfigError(f"group {name!r}: cannot open raw ESP/AH sockets on {iface.name}: "
+                                          f"{exc.strerror}") from None
                     for proto in list(self.raw.rx):
                         self._nursery.start_soon(self.raw.receive_loop, proto)
                 self.raw.add_group(engine, g.deliver)
