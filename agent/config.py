@@ -103,7 +103,10 @@ def parse_hostport(text: str, default_port: int | None = None, *, what: str = "a
     elif text.count(":") == 1:
         host, port = text.split(":")
     elif text.count(":") > 1:  # a bare IPv6 address
-        host, port = text, ""
+        try:
+            host, port = str(ipaddress.IPv6Address(text)), ""
+        except ValueError:
+            raise ValueError(f"{what} {text!r} is not host:port (write IPv6 as [addr]:port)") from None
     else:
         host, port = text, ""
     host = host or "127.0.0.1"
