@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+        mod = importlib.import_module(name)
+        (getattr(mod, "register_commands", None) or mod.register)(sub)
     return parser
 
 

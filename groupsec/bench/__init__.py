@@ -21,7 +21,9 @@ BENCHES = {
 }
 
 
-def register(sub: Any) -> None:
+def register_commands(sub: Any) -> None:
+    # Not named ``register``: importing the ``groupsec.bench.register`` benchmark would
+    # replace a package attribute of that name.
     p = sub.add_parser("bench", help="run a benchmark (ratios against a same-run baseline)",
                        description="Run a benchmark. Prints a table, or one JSON object with --json.")
     bsub = p.add_subparsers(dest="bench", metavar="KIND")
