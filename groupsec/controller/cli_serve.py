@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -81,6 +82,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
                 nursery.start_soon(advertise, ports[0], pki.fingerprint(ca.cert))
             print(f"groupsec serve: listening on {host} port {ports[0]}", file=sys.stderr, flush=True)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    logging.getLogger("groupsec.controller").info("stopping on %s", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    break
 
     try:
         trio.run(main)
