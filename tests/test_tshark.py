@@ -93,3 +93,20 @@ def test_tshark_rejects_a_wrong_key(tmp_path: Path) -> None:
     wrong = replace(params, auth_key=os.urandom(32))
     rows = _tshark(cap, tmp_path / "empty-profile", uat.tshark_uat_options([wrong]))
     assert rows[0][2] == "0"
+
+
+@pytest.mark.skipif(shutil.which("editcap") is None, reason="editcap (wireshark-common) is not installed")
+def test_inspect_reads_a_pcapng_written_by_wireshark_tools(tmp_path: Path) -> None:
+    from groupsec.inspect import inspect_capture
+
+    params = _params("aes-gcm-16-256", 0x5151, "239.1.2.3", mode="tunnel", udp_encap_port=4500)
+    sent = [b"one", b"two", b"three"]
+    cap = tmp_path / "c.pcap"
+    cap.write_bytes(pcap.pcap_bytes([(NOW + i, pcap.linux_sll_frame(p)) for i, p in
+                                     enumerate(_sent(params, sent, "10.0.0.1"))], pcap.LINKTYPE_LINUX_SLL))
+    ng = tmp_path / "c.pcapng"
+    subprocess.run(["editcap", "-F", "pcapng", str(cap), str(ng)], check=True, capture_output=True, timeout=60)
+    assert ng.read_bytes()[:4] == b"\x0a\x0d\x0d\x0a"
+    verdicts = inspect_capture(ng.read_bytes(), uat.parse_esp_sa_untrusted(uat.format_esp_sa([params])))
+    assert [(v.verdict, v.payload) for v in verdicts] == [("ok", p) for p in sent]
+    assert verdicts[0].timestamp == pytest.approx(NOW)
