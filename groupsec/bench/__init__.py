@@ -18,6 +18,7 @@ BENCHES = {
     "datapath": "protected vs plaintext relay over loopback multicast",
     "sourceauth": "per-packet and batched Ed25519 source authentication vs the same SA without it",
     "evict": "LKH eviction rekey size and compute time vs per-member wrapping",
+    "rekey": "time from `groupsec rekey` until every agent has installed the new SAs",
 }
 
 
