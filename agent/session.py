@@ -260,8 +260,9 @@ class AgentSession:
                 except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError,
                         trio.TooSlowError, RemoteProtocolError) as exc:
                     self.counters["connect_failures"] += 1
-                    self.last_error = f"{host}:{port}: {type(exc).__name__}: {exc}"[:300]
-                    log.warning("controller %s:%d: %s", host, port, self.last_error)
+                    detail = exc.__cause__ or exc  # trio wraps ssl.SSLError in BrokenResourceError
+                    self.last_error = f"{host}:{port}: {type(detail).__name__}: {detail}"[:300]
+                    log.warning("controller %s", self.last_error)
                 finally:
                     self.connected = False
                     self.member.connection_lost(self.now())
