@@ -42,7 +42,8 @@ rekey_channel = "239.9.9.255:17599"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--members", type=int, default=1000, help="members that register (default 1000)")
     p.add_argument("--processes", type=int, default=4, help="client processes (default 4)")
-    p.add_argument("--concurrency", type=int, default=64, help="concurrent registrations per process")
+    p.add_argument("--concurrency", type=int, default=24,
+                   help="registrations in flight per client process (default 24: more only queues)")
 
 
 def _crypto_baseline(n: int = 200) -> float:
