@@ -76,7 +76,8 @@ class Controller:
     """A controller home in ``tmp/ctl`` and, once started, its `groupsec serve` process."""
 
     def __init__(self, tmp: Path, groups: list[GroupDef], *, heartbeat: float = 10.0, rekey_interface: str = "lo",
-                 listen: str = "127.0.0.1:0", hosts: tuple[str, ...] = (), netns: str | None = None) -> None:
+                 listen: str = "127.0.0.1:0", hosts: tuple[str, ...] = (), netns: str | None = None,
+                 advertise: bool = False) -> None:
         self.tmp = tmp
         self.home = tmp / "ctl"
         self.groups = {g.name: g for g in groups}
@@ -91,7 +92,8 @@ class Controller:
                f"heartbeat_interval = {heartbeat}\n"
                f'rekey_interface = "{rekey_interface}"\n'
                "rekey_ttl = 4\n"
-               "advertise = false\n\n" + "\n".join(g.toml() for g in groups))
+               f"advertise = {'true' if advertise else 'false'}\n\n" + "\n".join(g.toml() for g in groups))
+        self.advertise = advertise
         (self.home / "groupsec.toml").write_text(cfg)
 
     def add_member(self, name: str, *specs: str) -> Path:
@@ -106,7 +108,7 @@ class Controller:
             port_file.unlink()
         listen = self.listen if self.port is None else self.listen.rsplit(":", 1)[0] + f":{self.port}"
         cmd = [sys.executable, "-m", "groupsec.cli", "serve", "-d", str(self.home), "--listen", listen,
-               "--no-advertise", "--port-file", str(port_file), "-v"]
+               *([] if self.advertise else ["--no-advertise"]), "--port-file", str(port_file), "-v"]
         if self.netns:
             cmd = ["ip", "netns", "exec", self.netns, *cmd]
         with open(self.tmp / "ctl.log", "ab") as log:

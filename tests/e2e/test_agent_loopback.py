@@ -112,3 +112,21 @@ def test_operator_rekey_reaches_every_agent_and_traffic_continues(world):
         dp = a.datapath_group("video")
         assert dp["drops"].get("auth-failed", 0) == 0
         assert dp["drops"].get("replay", 0) == 0
+
+
+@pytest.mark.slow
+def test_agent_finds_the_controller_by_zeroconf(tmp_path):
+    # the bundle hint (localhost:7443) is wrong on purpose: only discovery finds the random port
+    ctl = Controller(tmp_path, [GroupDef("video")], listen="0.0.0.0:0", advertise=True)
+    bundle = ctl.add_member("dora", "video:receiver")
+    ctl.start()
+    agent = Agent(tmp_path, "dora", bundle, "discover", [{"name": "video", "role": "receiver"}],
+                  session={"discovery_timeout": 10.0}).start()
+    try:
+        grp = agent.wait_registered("video", timeout=30)
+        st = agent.status()["agent"]
+    finally:
+        agent.stop()
+        ctl.stop()
+    assert grp["sas"]
+    assert st["controller"].endswith(f":{ctl.port}")
