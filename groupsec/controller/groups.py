@@ -181,7 +181,7 @@ class GroupManager:
         dst = lc.policy.dst
         spi_keys = {f"spi/{dst}/{s:08x}": {"group": lc.group, "level": lc.level} for s in new_spis}
         puts = {_lkey(lc.group, lc.level): st, **spi_keys, **(extra or {})}
-        if not self.store.commit(puts, absent=list(spi_keys)):
+        if not self.store.commit(puts, (), list(spi_keys)):  # positional: Store implementations name it differently
             raise RuntimeError("SPI collision in the store (another controller writing?)")
         self._spis.setdefault(dst, set()).update(new_spis)
         self.levels[lc.key] = st
