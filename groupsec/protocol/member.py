@@ -327,10 +327,11 @@ class MemberProtocol:
             self._ping_at = None
             self._ping_deadline = now + self._ping_timeout
         for st in self.levels.values():
-            if st.ack_due is not None and now >= st.ack_due and self.state == "registered":
+            if st.ack_due is not None and now >= st.ack_due:
                 st.ack_due = None
-                self._out.append(Ack(st.policy.group, st.policy.level, st.msg_id, st.kek_epoch))
-                self.counters["acks_sent"] += 1
+                if self.state == "registered":  # else the next Register reports our msg_id anyway
+                    self._out.append(Ack(st.policy.group, st.policy.level, st.msg_id, st.kek_epoch))
+                    self.counters["acks_sent"] += 1
             if st.resync_sent_at is not None and now >= st.resync_sent_at + RESYNC_RETRY:
                 st.resync_sent_at = None
                 self._request_resync(st, now, "retry")
@@ -509,7 +510,8 @@ class MemberProtocol:
         st.last_applied_at = now
         st.last_heartbeat = now  # a rekey proves the channel works as much as a heartbeat
         self.counters["rekeys_applied"] += 1
-        st.ack_due = now + self._jitter(self._ack_jitter)
+        if self.state == "registered":
+            st.ack_due = now + self._jitter(self._ack_jitter)
         self._events.append(RekeyApplied(st.key, m.msg_id, st.kek_epoch, m.kind, source))
 
     def _apply_inner(self, st: LevelState, m: Any, now: float) -> None:

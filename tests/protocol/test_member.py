@@ -510,3 +510,51 @@ def test_random_datagrams_never_raise(data):
     m.receive_message(ctl.registered(ctl.grant("video")), T0)
     m.receive_datagram(data, T0)
     assert sum(m.rejected.values()) == 1
+
+
+def test_unsolicited_grant_after_eviction_moves_to_the_new_kek():
+    """Eviction: the controller pushes a fresh grant (new KEK) over TLS, then rekeys under it."""
+    ctl, m, _ = registered_member()
+    lv = ctl.levels[("video", "")]
+    lv.kek_epoch, lv.kek = 2, os.urandom(32)  # never sent under the old KEK
+    m.receive_message(ResyncReply(ctl.grant("video").to_wire()), T0)
+    (dg,) = ctl.rekey("video")
+    m.receive_datagram(dg, T0 + 0.1)
+    assert [e.msg_id for e in of(events(m), RekeyApplied)] == [1, 2]
+    assert m.levels[("video", "")].kek_epoch == 2
+
+
+def test_per_sender_outbound_follows_the_owner_list():
+    ctl = FakeController()
+    lv = ctl.add_group("video")
+    other, mine = ctl.sa("video"), ctl.sa("video")
+    import dataclasses
+
+    other, mine = (dataclasses.replace(p, sender_id_bits=0) for p in (other, mine))
+    from groupsec.protocol.messages import SAGrant
+
+    lv.sas = [SAGrant(other, "in", ctl.now - 1), SAGrant(mine, "in", ctl.now - 1)]
+    m = MemberProtocol([GroupRequest("video", "sender")], jitter=no_jitter)
+    m.connect(T0)
+    grant = ctl.grant("video", "sender", sender_id=3)
+    grant = type(grant)(grant.policy, grant.role, grant.sas, grant.kek_epoch, grant.kek, grant.msg_id, 3,
+                        extra={"owners": [[other.spi, 2], [mine.spi, 3]]})
+    m.receive_message(ctl.registered(grant), T0)
+    inst = install(events(m))
+    assert inst.outbound.spi == mine.spi
+    assert {sa.spi for sa in inst.inbound} == {other.spi, mine.spi}
+
+
+def test_acks_and_resyncs_wait_for_a_session():
+    ctl, m, _ = registered_member(ack_jitter=0.5)
+    (dg,) = ctl.rekey("video")
+    m.connection_lost(T0)
+    m.receive_datagram(dg, T0)  # multicast still works while the TLS session is down
+    ctl.rekey("video")
+    (dg3,) = ctl.rekey("video")
+    m.receive_datagram(dg3, T0)
+    m.handle_timer(T0 + 1)
+    assert m.messages_to_send() == []
+    t = m.get_timer()
+    assert t is None or t > T0 + 1  # no timer left in the past: the shell's loop would spin
+    assert m.levels[("video", "")].msg_id == 4
