@@ -179,8 +179,8 @@ async def _bench_send(spec: dict[str, Any]) -> None:
 
 
 def config_from_json(d: dict[str, Any]) -> UserspaceConfig:
-    relays = {k: RelayConfig(listen=tuple(v["listen"]) if v.get("listen") else None,  # type: ignore[arg-type]
-                             deliver=tuple(v["deliver"]) if v.get("deliver") else None,  # type: ignore[arg-type]
+    relays = {k: RelayConfig(listen=tuple(v["listen"]) if v.get("listen") else None,
+                             deliver=tuple(v["deliver"]) if v.get("deliver") else None,
                              group_port=v.get("group_port")) for k, v in d.get("relays", {}).items()}
     tun = TunConfig(**d["tun"]) if d.get("tun") else None
     return UserspaceConfig(interface=d.get("interface"), ttl=d.get("ttl", 1), loop=d.get("loop"),
