@@ -134,6 +134,9 @@ class XfrmDatapath:
     ``interface``: where to join the groups this member receives (IGMP/MLD) and whose
     address is the outer source of a tunnel-mode SA that names none; None leaves joins to
     the applications and picks the source from the routing table.
+
+    Use it from the network namespace it was created in: its netlink socket is bound there
+    at construction, but the ESP-in-UDP and join sockets are opened at ``apply`` time.
     """
 
     def __init__(self, *, reqid_base: int = REQID_BASE, reqid_span: int = REQID_SPAN,

@@ -249,10 +249,37 @@ def make_sa(suite: str, mode: str, version: int, src: str | None = None, spi: in
                     src=src, **kw)
 
 
-def make_policy(suite: str, mode: str, version: int, **kw):  # type: ignore[no-untyped-def]
+def make_policy(suite: str, mode: str, version: int, group: str = "video", **kw):  # type: ignore[no-untyped-def]
     from groupsec.ipsec.policy import GroupPolicy
     from groupsec.ipsec.suites import get_suite
 
     kw.setdefault("udp_encap_port", None)
     kw.setdefault("port", PORT)
-    return GroupPolicy("video", GROUP[version], get_suite(suite).protocol, suite, mode, **kw)
+    return GroupPolicy(group, GROUP[version], get_suite(suite).protocol, suite, mode, **kw)
+
+
+class InNetns:
+    """A proxy that runs every method call of ``obj`` inside namespace ``ns`` (XfrmDatapath
+    creates its ESP-in-UDP and join sockets at ``apply`` time, in the caller's namespace)."""
+
+    def __init__(self, obj: object, ns: str) -> None:
+        self._obj, self._ns = obj, ns
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        attr = getattr(self._obj, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kw):  # type: ignore[no-untyped-def]
+            with netns(self._ns):
+                return attr(*args, **kw)
+
+        return call
+
+
+def datapath(ns: str, **kw) -> InNetns:  # type: ignore[no-untyped-def]
+    """An XfrmDatapath living in namespace ``ns``."""
+    from agent.datapath.xfrm import XfrmDatapath
+
+    with netns(ns):
+        return InNetns(XfrmDatapath(**kw), ns)

@@ -6,14 +6,14 @@ Runs inside the VM only (tests/kernel/run_in_vm.py); on the host the module skip
 from __future__ import annotations
 
 import pytest
-from kernel_net import GROUP, IN_VM, SKIP_REASON, A, ip_xfrm, make_policy, make_sa, netns, sh
+from kernel_net import GROUP, IN_VM, SKIP_REASON, A, datapath, ip_xfrm, make_policy, make_sa, netns, sh
 
 if not IN_VM:
     pytest.skip(SKIP_REASON, allow_module_level=True)
 
 from agent.datapath.base import GroupInstall
 from agent.datapath.netlink import XfrmExists, XfrmNetlink, XfrmNotFound
-from agent.datapath.xfrm import DEFAULT_PRIORITY, XfrmDatapath, kernel_sa_for
+from agent.datapath.xfrm import DEFAULT_PRIORITY, kernel_sa_for
 from groupsec.errors import PolicyError
 from groupsec.ipsec.params import Lifetime
 from groupsec.ipsec.suites import get_suite
@@ -25,8 +25,7 @@ SUITES = ["aes-gcm-16-128", "chacha20-poly1305", "aes-cbc-128-hmac-sha-256", "hm
 
 @pytest.fixture
 def dp():
-    with netns(A):
-        d = XfrmDatapath()
+    d = datapath(A)
     yield d
     d.close()
     leftover = [e.head for e in ip_xfrm("state", A) + ip_xfrm("policy", A)]
@@ -119,11 +118,15 @@ def test_lifetimes_encap_and_align4(dp):
     assert "expire add: soft 30(sec), hard 60(sec)" in e
     ah = make_sa("hmac-sha-256-128", "transport", 4, ah_align4=True)
     ah_plain = make_sa("hmac-sha-256-128", "transport", 4)
-    dp.apply(GroupInstall(make_policy("hmac-sha-256-128", "transport", 4, port=5001), inbound=(ah, ah_plain)))
+    dp.apply(GroupInstall(make_policy("hmac-sha-256-128", "transport", 4, group="audio", port=5001), inbound=(ah, ah_plain)))
     assert "flag align4" in _sa_entry(ah.spi)
     assert "align4" not in _sa_entry(ah_plain.spi)
+    assert len(ip_xfrm("state", A)) == 3  # two groups side by side
     # the UDP_ENCAP socket that makes the kernel decapsulate ESP-in-UDP
     assert f"{GROUP[4]}:4500" in sh("ss", "-uln", ns=A)
+    dp.remove_group(("video", ""))
+    assert f"{GROUP[4]}:4500" not in sh("ss", "-uln", ns=A)
+    assert {e.body.split()[3] for e in ip_xfrm("state", A)} == {f"0x{ah.spi:08x}", f"0x{ah_plain.spi:08x}"}
 
 
 def test_rollover_adds_before_switch_and_removes_after(dp):
@@ -154,8 +157,7 @@ def test_reconcile_removes_stale_state_of_ours_only(dp):
     sh("ip", "xfrm", "policy", "add", "src", "10.99.0.1", "dst", "10.99.0.2", "dir", "out", "priority", "100",
        "tmpl", "proto", "esp", "reqid", "7", "mode", "transport", ns=A)
     # a crashed earlier run of ours: state left behind
-    with netns(A):
-        crashed = XfrmDatapath()
+    crashed = datapath(A)
     stale = make_sa("aes-gcm-16-128", "tunnel", 4, src="10.99.0.1")
     crashed.apply(GroupInstall(make_policy("aes-gcm-16-128", "tunnel", 4), inbound=(stale,), outbound=stale))
     crashed.nl.close()  # no cleanup
