@@ -110,7 +110,7 @@ async def _bench_recv(spec: dict[str, Any]) -> None:
     sink = so.open_udp(("127.0.0.1", 0), rcvbuf=DEFAULT_RCVBUF)
     engine, wire, relay = _bench_pipeline(spec, RelayConfig(listen=None, deliver=sink.getsockname()[:2]))
     count = 0
-    first = last = 0.0
+    first = last = cpu0 = cpu1 = 0.0
     idle = float(spec.get("idle", 1.0))
     buf = bytearray(65536)
     async with trio.open_nursery() as nursery:
@@ -122,6 +122,8 @@ async def _bench_recv(spec: dict[str, Any]) -> None:
                 await trio.lowlevel.wait_readable(sink)
             if cs.cancelled_caught:
                 break
+            if not count:
+                cpu0 = time.process_time()
             while True:
                 try:
                     sink.recv_into(buf)
@@ -129,11 +131,12 @@ async def _bench_recv(spec: dict[str, Any]) -> None:
                     break
                 count += 1
             last = time.monotonic()
+            cpu1 = time.process_time()
             if not first:
                 first = last
         nursery.cancel_scope.cancel()
     st = engine.statistics()
-    _emit({"delivered": count, "seconds": last - first, "rx_datagrams": wire.rx_datagrams,
+    _emit({"delivered": count, "seconds": last - first, "cpu_seconds": cpu1 - cpu0, "rx_datagrams": wire.rx_datagrams,
            "relay_delivered": relay.delivered, "drops": st["drops"], "wire_drops": wire.drops,
            "relay_drops": relay.drops, "sas": st["sas"]})
 
@@ -153,6 +156,7 @@ async def _bench_send(spec: dict[str, Any]) -> None:
         _emit({"ready": True})
         sys.stdin.readline()  # "go"
         start = time.monotonic()
+        cpu0 = time.process_time()
         sent = 0
         while sent < total:
             n = min(burst, total - sent)
@@ -170,8 +174,10 @@ async def _bench_send(spec: dict[str, Any]) -> None:
         while relay.app_in + sum(relay.drops.values()) < total and time.monotonic() - start < 60:  # noqa: ASYNC110
             await trio.sleep(0.001)
         seconds = time.monotonic() - start
+        cpu = time.process_time() - cpu0
         nursery.cancel_scope.cancel()
     _emit({"app_sent": total, "relay_in": relay.app_in, "wire_sent": wire.tx_datagrams, "seconds": seconds,
+           "cpu_seconds": cpu,
            "relay_drops": relay.drops, "wire_drops": wire.drops})
 
 

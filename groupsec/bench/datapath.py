@@ -12,6 +12,9 @@ with the engine's protection switched off (``agent.datapath.engine.PlainEngine``
   receiver did not deliver, over all rounds (the sender runs at its highest rate unless
   ``--rate``); ``worst_loss`` is the worst single round.
 
+``plain_cpu_us``/``protected_cpu_us`` are the CPU time per packet of both processes
+together, and ``cpu_ratio`` their ratio: other load on the machine disturbs these least.
+
 The pps figures are the best round of each kind (the least disturbed by other work on the
 machine); the ratio is best protected over best plaintext. Both kinds alternate, so slow
 phases of a noisy machine hit both.
@@ -119,7 +122,9 @@ def measure(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     pps = got["delivered"] / got["seconds"] if got["seconds"] > 0 else 0.0
     wire_sent = sent["wire_sent"]
     auth = sum(int(sa.get("drops", {}).get("auth-failed", 0)) for sa in got.get("sas", []))
+    cpu_us = 1e6 * (sent["cpu_seconds"] / max(1, wire_sent) + got["cpu_seconds"] / max(1, got["delivered"]))
     return {"pps": pps, "sent": wire_sent, "delivered": got["delivered"], "send_seconds": sent["seconds"],
+            "cpu_us": cpu_us,
             "loss": (wire_sent - got["delivered"]) / wire_sent if wire_sent else 1.0, "auth_failures": auth,
             "receiver_drops": got["drops"], "relay_drops": sent["relay_drops"]}
 
@@ -145,6 +150,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "worst_loss": round(max(r["loss"] for r in prot), 6),
             "plain_loss": round(best_plain["loss"], 6),
             "auth_failures": sum(r["auth_failures"] for r in prot),
+            # CPU time per packet (sender + receiver process), the figure that other load on the
+            # machine disturbs least; cpu_ratio = what the pps ratio would be if both were CPU-bound
+            "plain_cpu_us": round(min(r["cpu_us"] for r in plain), 2),
+            "protected_cpu_us": round(min(r["cpu_us"] for r in prot), 2),
+            "cpu_ratio": round(min(r["cpu_us"] for r in plain) / min(r["cpu_us"] for r in prot), 3),
             "rounds": {"plain": [round(r["pps"], 1) for r in plain], "protected": [round(r["pps"], 1) for r in prot]}}
 
 
@@ -156,4 +166,6 @@ def render(r: dict[str, Any]) -> str:
         f"  protected relay   {r['protected_pps']:>10.0f} pkt/s   (loss {r['loss']:.4%}, worst round {r['worst_loss']:.4%},"
         f" auth failures {r['auth_failures']})",
         f"  ratio             {r['ratio']:>10.3f}   (target >= 0.8; loss target < 0.1%)",
+        f"  CPU per packet    {r['plain_cpu_us']:.2f} us plaintext, {r['protected_cpu_us']:.2f} us protected"
+        f" (sender + receiver; ratio {r['cpu_ratio']:.3f})",
     ])
