@@ -131,6 +131,7 @@ class Demo:
 listen = "127.0.0.1:0"
 heartbeat_interval = 1.0
 advertise = false
+rekey_interface = "lo"
 
 [groups.{GROUP}]
 dst = "{self.group_addr}"
@@ -139,7 +140,7 @@ port = 5004
 protection = "esp"
 suite = "{a.suite}"
 mode = "tunnel"
-tek_lifetime = {a.rekey_interval}
+tek_lifetime = {a.rekey_interval + atd + dtd}
 kek_lifetime = 86400
 atd = {atd}
 dtd = {dtd}
@@ -458,7 +459,7 @@ def register(sub: Any) -> None:
     p.add_argument("--suite", default="aes-gcm-16-128", choices=ESP_SUITES, metavar="NAME",
                    help=f"ESP suite: {', '.join(ESP_SUITES)} (default aes-gcm-16-128)")
     p.add_argument("--rekey-interval", type=float, default=5.0, metavar="S",
-                   help="seconds between scheduled traffic-key rollovers (default 5)")
+                   help="seconds between scheduled traffic-key rollovers (default 5; the eviction adds one)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object, no live view")
     p.add_argument("--pcap", metavar="FILE", help="write the wire traffic (ESP-in-UDP) as a pcap")
     p.add_argument("--keys", metavar="FILE", help="write the SAs as Wireshark esp_sa lines (secret keys, 0600)")
