@@ -375,7 +375,7 @@ udp_encap_port = {ENCAP_PORT}
             problems.append(f"{unseen} packet(s) of the feed were not seen on the wire under a known SA")
         receivers = []
         for m in self.receivers:
-            drops = {}
+            drops: dict[str, int] = {}
             for g in m.status.get("datapath", {}).get("groups", {}).values():
                 for k, v in g.get("drops", {}).items():
                     drops[k] = drops.get(k, 0) + int(v)
