@@ -60,6 +60,7 @@ class AgentConfig:
     bundle: Path
     groups: tuple[GroupSpec, ...]
     controller: tuple[str, int] | None = None  # None: the bundle's hint, else zeroconf discovery
+    controllers: tuple[tuple[str, int], ...] = ()  # "h1:p,h2:p": every controller, tried in order (HA)
     discover: bool = False  # controller = "discover": always browse _groupsec._tcp
     datapath: str = "userspace"
     interface: str | None = None
@@ -201,8 +202,10 @@ def from_dict(d: dict[str, Any], source: str = "agent.toml", base_dir: Path | No
         kw["discover"] = True
     elif ctl is not None:
         try:
-            kw["controller"] = parse_hostport(ctl, DEFAULT_PORT, what="controller")
-        except ValueError as exc:
+            kw["controllers"] = tuple(parse_hostport(c.strip(), DEFAULT_PORT, what="controller")
+                                      for c in ctl.split(",") if c.strip())
+            kw["controller"] = kw["controllers"][0]
+        except (ValueError, IndexError) as exc:
             raise w.err("controller", f"{exc} (or \"discover\")") from None
     dp = _typed(w, d, "datapath", str, "userspace")
     if dp not in DATAPATHS:

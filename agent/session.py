@@ -83,7 +83,8 @@ class AgentSession:
         self.datapath = datapath
         self.member = MemberProtocol(
             [GroupRequest(g.group, g.role, g.level) for g in config.groups],
-            ack_jitter=config.ack_jitter, ping_interval=config.ping_interval, ping_timeout=config.ping_timeout)
+            ack_jitter=config.ack_jitter, ping_interval=config.ping_interval, ping_timeout=config.ping_timeout,
+            ca_pem=bundle.ca_pem)
         self._ctx = client_context(bundle)
         self._discover = discover
         self._send: trio.MemorySendChannel[Message] | None = None
@@ -233,6 +234,12 @@ class AgentSession:
 
     async def _targets(self) -> list[tuple[str, int, str | None]]:
         """(host, port, tls server name or None for discovered controllers)."""
+        if len(self.config.controllers) > 1:  # several controllers (HA): start after the last one used
+            ctls = list(self.config.controllers)
+            if self.controller in ctls:
+                i = ctls.index(self.controller)
+                ctls = ctls[i + 1:] + ctls[:i + 1]
+            return [(h, p, h) for h, p in ctls]
         if self.config.controller is not None:
             host, port = self.config.controller
             return [(host, port, host)]

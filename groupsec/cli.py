@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "groupsec.controller.cli_init",
     "groupsec.controller.cli_member",
     "groupsec.controller.cli_serve",
+    "groupsec.controller.hapki",
     "groupsec.bench",
     "groupsec.inspect",
     "groupsec.demo",

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from groupsec.controller.config import Config, LevelConfig
+from groupsec.controller.etcdstore import NotLeader
 from groupsec.controller.groups import GroupManager, Refusal, RekeyPlan
 from groupsec.controller.store import Store
 from groupsec.protocol.controller import ControllerSession, Refused
@@ -44,6 +45,9 @@ class ControllerApp:
         self._dirty_acks: set[str] = set()
         self.multicast: Callable[[LevelConfig, bytes], None] = lambda lc, dg: None
         self.rekey_listeners: list[Callable[[RekeyPlan], None]] = []
+        # HA (groupsec.controller.ha): only the leader mints keys, allocates and sends rekeys
+        self.is_leader: Callable[[], bool] = lambda: True
+        self.rekey_certs: list[bytes] | None = None  # every controller's CA-certified rekey key (DER)
 
     def count(self, key: str, n: int = 1) -> None:
         self.counters[key] = self.counters.get(key, 0) + n
@@ -75,15 +79,19 @@ class ControllerApp:
         for key, roles in sorted(res.items()):
             lc = self.config.levels[key]
             if "sender" in roles:
-                plan = self.manager.ensure_sender(identity, lc, wall)
+                try:
+                    plan = self.manager.ensure_sender(identity, lc, wall)
+                except NotLeader as exc:  # a new sender needs an ID: only the leader allocates one
+                    self.count("refused-not-leader")
+                    return Refused("not-leader", str(exc)[:200])
                 if plan is not None:
                     self.send_plan(plan)
             g = self.manager.grant(identity, lc, roles)
             grants.append(g.to_wire())
             self._record_ack(identity, key, g.msg_id, g.kek_epoch, wall, "register")
         self.count("registrations")
-        return (Registered(identity, grants, self.public_key, wall, self.config.controller.heartbeat_interval),
-                res)
+        return (Registered(identity, grants, self.public_key, wall, self.config.controller.heartbeat_interval,
+                           self.rekey_certs), res)
 
     def resync(self, identity: str, group: str, level: str, now: float) -> Grant | Refused:
         rec = self.manager.member(identity)

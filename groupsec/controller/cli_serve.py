@@ -29,6 +29,12 @@ def register(sub: Any) -> None:
     p.add_argument("--listen", metavar="HOST:PORT", help="override controller.listen (port 0: any free port)")
     p.add_argument("--no-advertise", action="store_true", help="do not advertise over zeroconf")
     p.add_argument("--port-file", metavar="FILE", help="write the listening port here once listening")
+    p.add_argument("--store", metavar="URL", help="etcd://HOST:PORT[,HOST:PORT...]: several controllers share "
+                   "one etcd cluster, one of them the elected leader (default: controller.state, SQLite)")
+    p.add_argument("--store-key", action="append", metavar="FILE", help="key file sealing every value in etcd "
+                   "(0600; default $GROUPSEC_STORE_KEY or DIR/store.key; repeat: first seals, all open)")
+    p.add_argument("--name", help="this controller's name in the cluster (default: its certificate's CN)")
+    p.add_argument("--lease-ttl", type=int, default=5, metavar="S", help="leader lease TTL in seconds (default 5)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_serve)
 
@@ -63,24 +69,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise ConfigError(f"--listen {args.listen!r}: expected HOST:PORT")
         host, port = h.strip("[]") or "0.0.0.0", int(p)
     ctx = server_ssl_context(home)
-    ca = pki.CA.load(home)
-    store = store_of(home, config)
+    ca_cert = _ca_cert(home)  # the CA's private key stays off controller hosts (HA homes have none)
+    url = args.store or (config.controller.state if config.controller.state.startswith("etcd://") else None)
+    ha = None
+    if url:
+        from groupsec.controller.ha import HAControl
+
+        if not url.startswith("etcd://"):
+            raise ConfigError(f"--store {url!r}: expected etcd://HOST:PORT[,HOST:PORT...]")
+        name = args.name or _cert_cn(home)
+        ha = HAControl.open(home, url, args.store_key, name, args.lease_ttl)
+        store = ha.store
+    else:
+        store = store_of(home, config)
     app = ControllerApp(config, store, pki.load_rekey_key(home), home)
     _raise_nofile()
     server = ControllerServer(app, ctx, home)
+    if ha is not None:
+        ha.attach(app, server)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             server.app.multicast = server._send_multicast
-            app.start()
+            if ha is None:
+                app.start()
             ports = await nursery.start(server.serve, host, port)
+            if ha is not None:  # the elected leader starts the app (state from etcd)
+                ha.addr = f"{host}:{ports[0]}"
+                await nursery.start(ha.run)
             await nursery.start(RekeyScheduler(app).run)
             if args.port_file:
                 _write_port(args.port_file, ports[0])
             if config.controller.advertise and not args.no_advertise:
                 from groupsec.controller.discovery import advertise
 
-                nursery.start_soon(advertise, ports[0], pki.fingerprint(ca.cert))
+                nursery.start_soon(advertise, ports[0], pki.fingerprint(ca_cert))
             print(f"groupsec serve: listening on {host} port {ports[0]}", file=sys.stderr, flush=True)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for signum in signals:
@@ -94,6 +117,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         app.flush_acks()
         store.close()
     return 0
+
+
+def _ca_cert(home: Path) -> Any:
+    from cryptography import x509
+
+    try:
+        return x509.load_pem_x509_certificate((home / pki.CA_CERT).read_bytes())
+    except FileNotFoundError:
+        raise ConfigError(f"{home / pki.CA_CERT}: missing (run `groupsec init {home}` first)") from None
+
+
+def _cert_cn(home: Path) -> str:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    cert = x509.load_pem_x509_certificate((home / pki.CTL_CERT).read_bytes())
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(cns[0].value) if cns else "controller"
 
 
 def _write_port(path: str, port: int) -> None:
@@ -119,6 +160,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(status))
         return 0
     print(f"controller: {'running' if running else 'not running'}, {status.get('sessions', 0)} session(s)")
+    ha = status.get("ha")
+    if ha:
+        print(f"cluster: this is {ha.get('controller')}, leader {ha.get('leader') or 'none'}, lease TTL "
+              f"{ha.get('lease_ttl')} s, etcd revision {ha.get('etcd_revision')}")
+        for c in ha.get("controllers", []):
+            print(f"  controller {c['name']:<16} {c['addr'] or '-':<22} {'LEADER' if c['leader'] else 'follower':<8} "
+                  f"lag {c['lag_revisions']} rev / {c['lag_s']:.1f} s")
     for lv in status["levels"]:
         spis = " ".join(f"{s:#010x}" for g in lv["generations"] for s in g["spis"])
         print(f"group {lv['group']}/{lv['level'] or '-'}: msg_id {lv['msg_id']} kek epoch {lv['kek_epoch']} "
@@ -145,6 +193,8 @@ def cmd_rekey(args: argparse.Namespace) -> int:
         raise ConfigError(f"no controller is running in {home} (start `groupsec serve -d {home}`)")
     if not reply.get("ok"):
         raise ConfigError(f"rekey {args.group}: {reply.get('error')}")
+    if reply.get("forwarded"):
+        print(f"forwarded to the leader ({reply['forwarded']}): request {reply.get('request')}")
     for r in reply["rekeyed"]:
         print(f"rekeyed {r['group']}/{r['level'] or '-'}: message ID {r['msg_id']}")
     return 0

@@ -35,7 +35,11 @@ def config_of(home: Path) -> Config:
     return load_config(home / CONFIG)
 
 
-def store_of(home: Path, config: Config) -> SQLiteStore:
+def store_of(home: Path, config: Config) -> Any:
+    if config.controller.state.startswith("etcd://"):  # HA: state in etcd, sealed with DIR/store.key
+        from groupsec.controller.ha import open_etcd_store
+
+        return open_etcd_store(home, config.controller.state)
     p = Path(config.controller.state)
     return SQLiteStore(p if p.is_absolute() else home / p)
 

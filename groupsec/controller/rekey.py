@@ -25,6 +25,9 @@ class RekeyScheduler:
     def due(self, now: float) -> float:
         """Run everything due at ``now``; return the time of the next event."""
         app, mgr = self.app, self.app.manager
+        if not app.is_leader():  # HA follower: the leader rolls keys over and sends heartbeats
+            self._next_hb.clear()
+            return now + 0.2
         nxt = now + self.heartbeat_interval
         for lc in app.config.levels.values():
             kek_at = mgr.next_kek_rollover_at(lc)

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from groupsec.errors import BadRekey, LocalProtocolError, RemoteProtocolError
@@ -51,6 +52,7 @@ from groupsec.protocol.messages import (
     ResyncReply,
     SAGrant,
 )
+from groupsec.protocol.rekeycert import verify_rekey_cert_untrusted
 
 Key = tuple[str, str]  # (group, level)
 
@@ -218,6 +220,7 @@ class MemberProtocol:
         ping_timeout: float = 10.0,
         jitter: Callable[[float], float] = _uniform,
         open_rekey: Callable[..., Any] | None = None,
+        ca_pem: bytes | None = None,
     ) -> None:
         if not requests:
             raise LocalProtocolError("a member must request at least one group")
@@ -226,6 +229,7 @@ class MemberProtocol:
         self.member_name: str | None = None
         self.levels: dict[Key, LevelState] = {}
         self.verify_keys: list[Ed25519PublicKey] = []
+        self._ca = x509.load_pem_x509_certificate(ca_pem) if ca_pem else None  # verifies HA rekey certs
         self.heartbeat_interval: float | None = None
         self.offset = 0.0  # controller time - member time
         self._ack_jitter = ack_jitter
@@ -379,7 +383,7 @@ class MemberProtocol:
         for g in grants:
             if g.policy.group not in wanted:
                 raise RemoteProtocolError(f"granted group {g.policy.group!r} was not requested", "bad-message")
-        self.verify_keys = [vk]
+        self.verify_keys = [vk, *self._certified_keys(msg)]
         self.offset = msg.server_time - now
         self.heartbeat_interval = msg.heartbeat_interval if msg.heartbeat_interval > 0 else None
         self.member_name = msg.member
@@ -395,6 +399,18 @@ class MemberProtocol:
             self._events.append(GroupRemoved(key))
         self._ping_at = now + self._ping_interval
         self._events.append(RegisteredEvent(msg.member, tuple(sorted(granted))))
+
+    def _certified_keys(self, msg: Registered) -> list[Ed25519PublicKey]:
+        """HA: every controller's rekey key whose CA binding verifies (others are counted, unused)."""
+        out: list[Ed25519PublicKey] = []
+        if self._ca is None or not isinstance(msg.rekey_certs, list):
+            return out
+        for der in msg.rekey_certs[:32]:
+            try:
+                out.append(verify_rekey_cert_untrusted(der, self._ca, msg.server_time)[1])
+            except BadRekey as exc:
+                self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
+        return out
 
     def _on_error(self, msg: Error, now: float) -> None:
         self.state = "closed"

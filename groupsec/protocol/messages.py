@@ -34,6 +34,7 @@ ERROR_CODES = (
     "not-authorized",  # AUTHORIZATION_FAILED: identity not allowed this group/role/level
     "revoked",
     "rate-limited",
+    "not-leader",  # HA: this controller is a follower and cannot make that change; try another
     "not-leader",
     "internal",
 )
@@ -232,12 +233,14 @@ class Registered(Message):
     TYPE: ClassVar[str] = "registered"
     SCHEMA: ClassVar[dict[str, tuple[str, bool]]] = {
         "member": ("str", False), "grants": ("list", False), "rekey_public_key": ("bytes", False),
-        "server_time": ("float", False), "heartbeat_interval": ("float", False)}
+        "server_time": ("float", False), "heartbeat_interval": ("float", False), "rekey_certs": ("list", True)}
     member: str
     grants: list[dict[str, Any]]  # Grant.to_wire() maps
     rekey_public_key: bytes  # Ed25519, raw 32 bytes
     server_time: float
     heartbeat_interval: float
+    # HA: every controller's CA-certified rekey key (DER, groupsec.protocol.rekeycert); None: one controller
+    rekey_certs: list[bytes] | None = None
 
     def grant_objects(self) -> list[Grant]:
         return [Grant.from_wire_untrusted(g) for g in self.grants]
