@@ -185,10 +185,10 @@ class EtcdClient:
         return int(self.call("/v3/kv/put", body)["header"]["revision"])
 
     def delete(self, key: str, prefix: bool = False) -> int:
-        k = key.encode()
+        k = key.encode() or (b"\0" if prefix else b"")
         body: dict[str, Any] = {"key": _b64(k)}
         if prefix:
-            body["range_end"] = _b64(prefix_end(k))
+            body["range_end"] = _b64(prefix_end(key.encode()))
         return int(self.call("/v3/kv/deleterange", body).get("deleted", 0))
 
     def txn(self, compares: Sequence[Compare], puts: dict[str, bytes] | None = None,
