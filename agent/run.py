@@ -15,8 +15,8 @@ import json
 import logging
 import os
 import signal
-import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,8 @@ import trio
 
 from agent.config import AgentConfig, Bundle, load, load_bundle, parse_group_flag, parse_relay_flag
 from groupsec.errors import ConfigError
+from groupsec.logs import add_log_format_argument, setup_logging
+from groupsec.metrics import add_metrics_arguments
 
 log = logging.getLogger("groupsec.agent")
 STATUS_FILE = "status.json"
@@ -47,6 +49,8 @@ def register(sub: Any) -> None:
     p.add_argument("--tun", metavar="NAME", help="TUN mode: create this device and route the groups into it")
     p.add_argument("--state-dir", metavar="DIR", help="where status.json is written")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    add_log_format_argument(p)
+    add_metrics_arguments(p)
     p.set_defaults(func=main)
 
 
@@ -120,7 +124,9 @@ def write_status(state_dir: Path, session: Any, datapath: Any, started: float) -
     os.replace(tmp, state_dir / STATUS_FILE)
 
 
-async def serve(cfg: AgentConfig, bundle: Bundle, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve(cfg: AgentConfig, bundle: Bundle, *, metrics: tuple[str, int] | None = None,
+                task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+    """``metrics``: (addr, port) of a Prometheus exporter to run alongside (agent/metrics.py)."""
     from agent.session import AgentSession
 
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
@@ -133,6 +139,11 @@ async def serve(cfg: AgentConfig, bundle: Bundle, *, task_status: trio.TaskStatu
                 await n.start(datapath.run)
             n.start_soon(session.run)
             n.start_soon(_status_loop, cfg, session, datapath, started)
+            if metrics is not None:
+                from agent.metrics import agent_registry
+                from groupsec.metrics import serve_metrics
+
+                await n.start(serve_metrics, agent_registry(session, datapath), *metrics)
             task_status.started(session)
     finally:
         if hasattr(datapath, "close"):
@@ -156,15 +167,15 @@ async def _status_loop(cfg: AgentConfig, session: Any, datapath: Any, started: f
 def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     bundle = load_bundle(cfg.bundle)
-    logging.basicConfig(level=getattr(logging, cfg.log_level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_format, getattr(logging, cfg.log_level.upper()))
     log.info("member %s, %d group(s), data path %s, controller %s", bundle.name, len(cfg.groups), cfg.datapath,
              f"{cfg.controller[0]}:{cfg.controller[1]}" if cfg.controller else "discover")
 
     async def _main() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
             async with trio.open_nursery() as n:
-                await n.start(serve, cfg, bundle)
+                metrics = (args.metrics_addr, args.metrics_port) if args.metrics_port is not None else None
+                await n.start(partial(serve, cfg, bundle, metrics=metrics))
 
                 async def stop() -> None:
                     async for _ in sigs:

@@ -20,6 +20,8 @@ from groupsec.controller.home import add_home_argument, admin_request, config_of
 from groupsec.controller.rekey import RekeyScheduler
 from groupsec.controller.server import ControllerServer, server_ssl_context
 from groupsec.errors import ConfigError
+from groupsec.logs import add_log_format_argument, setup_logging
+from groupsec.metrics import ControllerCollector, add_metrics_arguments, make_registry, serve_metrics
 
 
 def register(sub: Any) -> None:
@@ -36,6 +38,8 @@ def register(sub: Any) -> None:
     p.add_argument("--name", help="this controller's name in the cluster (default: its certificate's CN)")
     p.add_argument("--lease-ttl", type=int, default=5, metavar="S", help="leader lease TTL in seconds (default 5)")
     p.add_argument("-v", "--verbose", action="store_true")
+    add_log_format_argument(p)
+    add_metrics_arguments(p)
     p.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("status", help="groups, epochs and each member's last acknowledgement")
@@ -60,8 +64,7 @@ def _raise_nofile() -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     home = home_of(args)
     config = config_of(home)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
     host, port = config.controller.listen_host, config.controller.listen_port
     if args.listen:
         h, _, p = args.listen.rpartition(":")
@@ -98,13 +101,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 ha.addr = f"{host}:{ports[0]}"
                 await nursery.start(ha.run)
             await nursery.start(RekeyScheduler(app).run)
+            if args.metrics_port is not None:
+                registry = make_registry(ControllerCollector(app, server))
+                await nursery.start(serve_metrics, registry, args.metrics_addr, args.metrics_port)
             if args.port_file:
                 _write_port(args.port_file, ports[0])
             if config.controller.advertise and not args.no_advertise:
                 from groupsec.controller.discovery import advertise
 
                 nursery.start_soon(advertise, ports[0], pki.fingerprint(ca_cert))
-            print(f"groupsec serve: listening on {host} port {ports[0]}", file=sys.stderr, flush=True)
+            if args.log_format == "text":  # JSON logs: stderr carries JSON lines only (server.py logs this)
+                print(f"groupsec serve: listening on {host} port {ports[0]}", file=sys.stderr, flush=True)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for signum in signals:
                     logging.getLogger("groupsec.controller").info("stopping on %s", signal.Signals(signum).name)
