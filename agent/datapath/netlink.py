@@ -227,7 +227,7 @@ class SAInfo:
     algos: tuple[Algo, ...] = field(default=(), repr=False)
     encap: Encap | None = None
     algo_names: tuple[str, ...] = ()  # from the kernel: the names of the algorithms installed
-    bytes: int = 0
+    octets: int = 0  # bytes processed (curlft.bytes)
     packets: int = 0
     add_time: int = 0
     replay_drops: int = 0

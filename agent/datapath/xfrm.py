@@ -242,7 +242,7 @@ class XfrmDatapath:
     def statistics(self) -> dict[str, Any]:
         by_key = {k: (g, p) for g in self._groups.values() for k, p in g.sas.items()}
         sas = []
-        totals = {"packets": 0, "bytes": 0, "drops": {"replay": 0, "auth-failed": 0}}
+        packets = octets = replay = auth = 0
         for sa in self.nl.dump_sas():
             hit = by_key.get((sa.daddr, sa.spi, sa.proto))
             if hit is None or not self.owns_reqid(sa.reqid):
@@ -251,13 +251,13 @@ class XfrmDatapath:
             direction = "out" if g.out_key == (sa.daddr, sa.spi, sa.proto) else "in"
             sas.append({"group": g.policy.group, "level": g.policy.level, "spi": sa.spi, "direction": direction,
                         "protocol": params.protocol, "suite": params.suite, "mode": params.mode, "dst": sa.daddr,
-                        "src": sa.saddr or None, "packets": sa.packets, "bytes": sa.bytes,
+                        "src": None if ipaddress.ip_address(sa.saddr).is_unspecified else sa.saddr,
+                        "packets": sa.packets, "bytes": sa.octets,
                         "seq_out": sa.oseq, "seq_in": sa.seq,
                         "drops": {"replay": sa.replay_drops, "auth-failed": sa.integrity_failed}})
-            totals["packets"] += sa.packets
-            totals["bytes"] += sa.bytes
-            totals["drops"]["replay"] += sa.replay_drops
-            totals["drops"]["auth-failed"] += sa.integrity_failed
+            packets, octets = packets + sa.packets, octets + sa.octets
+            replay, auth = replay + sa.replay_drops, auth + sa.integrity_failed
+        totals = {"packets": packets, "bytes": octets, "drops": {"replay": replay, "auth-failed": auth}}
         return {"datapath": "xfrm", "groups": len(self._groups), "sas": sas, "totals": totals,
                 "kernel": read_xfrm_stat()}
 

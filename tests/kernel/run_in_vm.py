@@ -11,7 +11,7 @@ code is the guest pytest's. ``tests/kernel/test_vm.py`` calls :func:`run` from t
 test run. Environment:
 
 * ``GROUPSEC_VM_KERNEL``: the kernel image (default: the newest ``/boot/vmlinuz-*``);
-* ``GROUPSEC_VM_TIMEOUT``: seconds before the VM is killed (default 540);
+* ``GROUPSEC_VM_TIMEOUT``: seconds before the VM is killed (default 720);
 * ``GROUPSEC_VM_KVM=1``: try KVM instead of TCG;
 * ``GROUPSEC_SKIP_VM=1``: the host test skips (for quick local runs).
 """
@@ -33,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 GUEST_MODULES = "esp4 ah4 esp6 ah6 xfrm_user xfrm4_tunnel xfrm6_tunnel xfrm_ipcomp"
-DEFAULT_TIMEOUT = 540.0
+DEFAULT_TIMEOUT = 720.0
 
 
 @dataclass
