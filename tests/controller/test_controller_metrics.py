@@ -4,11 +4,7 @@ sessions; /metrics scraped over HTTP and parsed with prometheus_client's parser.
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +13,8 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
-from agent_helpers import ENV, Controller, GroupDef, free_port, wait_for
+from agent_helpers import GroupDef
+from metrics_helpers import MetricsController, fetch, scrape, value
 
 from agent.config import AgentConfig, GroupSpec, load_bundle
 from agent.datapath.base import GroupInstall
@@ -36,49 +33,6 @@ class NullDatapath:
 
     def statistics(self) -> dict[str, Any]:
         return {}
-
-
-class MetricsController(Controller):
-    """The e2e helper's controller, started with --metrics-port and --log-format json."""
-
-    def start(self, timeout: float = 20.0) -> int:
-        self.metrics_port = free_port(socket.SOCK_STREAM)
-        port_file = self.tmp / "ctl.port"
-        port_file.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "groupsec.cli", "serve", "-d", str(self.home), "--listen", self.listen,
-               "--no-advertise", "--port-file", str(port_file), "-v", "--log-format", "json",
-               "--metrics-port", str(self.metrics_port)]
-        self.log_file = self.tmp / "ctl.jsonlog"
-        with open(self.log_file, "ab") as log:
-            self.proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=log)
-        wait_for(lambda: port_file.exists() and port_file.read_text().strip(), timeout, "the controller's port file")
-        self.port = int(port_file.read_text().strip())
-        return self.port
-
-
-def fetch(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
-            assert r.headers["Content-Type"].startswith("text/plain")
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, exc.read().decode()
-
-
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """{(sample name, sorted labels): value} from http://127.0.0.1:PORT/metrics."""
-    status, text = fetch(port, "/metrics")
-    assert status == 200
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def value(m: dict[Any, float], name: str, **labels: str) -> float:
-    return m[(name, tuple(sorted(labels.items())))]
 
 
 def session_for(bundle: Path, port: int, tmp: Path, role: str = "receiver") -> tuple[AgentSession, NullDatapath]:
