@@ -57,11 +57,14 @@ class ControllerApp:
         self.manager.load_or_create(now)
         # finish evictions recorded while no controller ran, then resend the last rekey of every
         # level unchanged (same msg_id, same keys): a crash mid-rekey resumes where it stopped
-        for _, rec in self.store.scan("member/"):
-            if rec.get("revoked") and not rec.get("evicted"):
-                self.evict(rec["name"])
+        pending = [rec["name"] for _, rec in self.store.scan("member/") if rec.get("revoked") and not rec.get("evicted")]
+        if pending:
+            self.evict_many(pending)
         for lc in self.config.levels.values():
             plan = self.manager.last_plan(lc)
+            tree_plan = self.manager.last_tree_plan(lc)
+            if plan is not None and tree_plan is not None and tree_plan.msg_id == plan.msg_id - 1:
+                self.send_plan(tree_plan, resend=True)  # a key-tree eviction: its tree message, then the TEKs
             if plan is not None:
                 self.send_plan(plan, resend=True)
 
@@ -78,12 +81,15 @@ class ControllerApp:
         grants = []
         for key, roles in sorted(res.items()):
             lc = self.config.levels[key]
-            if "sender" in roles:
-                try:
-                    plan = self.manager.ensure_sender(identity, lc, wall)
-                except NotLeader as exc:  # a new sender needs an ID: only the leader allocates one
-                    self.count("refused-not-leader")
-                    return Refused("not-leader", str(exc)[:200])
+            try:
+                # a new member takes its leaf in the level's key tree (the others may need a tree rekey)
+                plans = [self.manager.ensure_tree_member(identity, lc, wall)]
+                if "sender" in roles:
+                    plans.append(self.manager.ensure_sender(identity, lc, wall))
+            except NotLeader as exc:  # a new leaf or sender ID: only the leader allocates one
+                self.count("refused-not-leader")
+                return Refused("not-leader", str(exc)[:200])
+            for plan in plans:
                 if plan is not None:
                     self.send_plan(plan)
             g = self.manager.grant(identity, lc, roles)
@@ -101,7 +107,14 @@ class ControllerApp:
         if not handle_roles:
             return Refused("not-authorized", f"{identity} holds no roles in {group}/{level}")
         self.count("resyncs")
-        return self.manager.grant(identity, self.config.levels[(group, level)], handle_roles)
+        lc = self.config.levels[(group, level)]
+        try:
+            plan = self.manager.ensure_tree_member(identity, lc, self.clock())  # normally a no-op
+        except NotLeader as exc:
+            return Refused("not-leader", str(exc)[:200])
+        if plan is not None:
+            self.send_plan(plan)
+        return self.manager.grant(identity, lc, handle_roles)
 
     def ack(self, identity: str, msg: Ack, now: float) -> None:
         self.count("acks")
@@ -184,38 +197,62 @@ class ControllerApp:
 
     def revoke(self, name: str) -> int:
         """Record the revocation (if the CLI has not already) and evict the member at once."""
-        rec = self.manager.member(name)
-        if rec is None:
-            return 0
-        if not rec.get("revoked"):
-            rec["revoked"] = True
-            self.store.commit({f"member/{name}": rec, **{f"revoked/{s}": {"name": name} for s in rec.get("serials", [])}})
-        return self.evict(name)
+        return self.revoke_many([name])
+
+    def revoke_many(self, names: list[str]) -> int:
+        """Revoke several members in one operation: on key-tree levels ONE tree rekey evicts
+        them all (batch eviction). Unknown names are ignored. Returns the levels rekeyed."""
+        known = []
+        puts: dict[str, Any] = {}
+        for name in dict.fromkeys(names):
+            rec = self.manager.member(name)
+            if rec is None:
+                continue
+            known.append(name)
+            if not rec.get("revoked"):
+                rec["revoked"] = True
+                puts.update({f"member/{name}": rec, **{f"revoked/{s}": {"name": name} for s in rec.get("serials", [])}})
+        if puts:
+            self.store.commit(puts)
+        return self.evict_many(known) if known else 0
 
     def evict(self, name: str, levels: set[tuple[str, str]] | None = None) -> int:
-        """Close the member's sessions, push a fresh KEK to every remaining member over TLS,
-        then send the new TEKs under it. ``levels``: only those (a downgrade)."""
+        return self.evict_many([name], levels)
+
+    def evict_many(self, names: list[str], levels: set[tuple[str, str]] | None = None) -> int:
+        """Close the members' sessions and rekey their levels without them. ``levels``: only
+        those (a downgrade). Flat levels: a fresh KEK is pushed to every remaining member over
+        TLS, then the new TEKs follow under it. Key-tree levels: one multicast tree rekey
+        (under the old KEK; the same datagrams go to every open session as the redundant path),
+        then the new TEKs under the new KEK: no per-member message."""
+        gone = set(names)
         if levels is None:
-            for h in list(self.sessions.get(name, ())):
-                h.session.close_with("revoked", f"{name} was revoked")
-                h.wake()
-        results = self.manager.evict(name, self.clock(), levels)
+            for name in names:
+                for h in list(self.sessions.get(name, ())):
+                    h.session.close_with("revoked", f"{name} was revoked")
+                    h.wake()
+        results = self.manager.evict_many(list(names), self.clock(), levels)
+        pushed: set[tuple[str, str]] = set()
         for lc, plan in results:
             for h in self.level_handles(lc.key):
-                if h.session.identity == name:
+                if h.session.identity in gone:
                     h.session.levels.discard(lc.key)
-                    continue
-                h.session.push_grant(self.manager.grant(h.session.identity, lc, h.roles[lc.key]))
-                h.wake()
+            if lc.key_tree != "lkh" and lc.key not in pushed:
+                pushed.add(lc.key)
+                for h in self.level_handles(lc.key):
+                    h.session.push_grant(self.manager.grant(h.session.identity, lc, h.roles[lc.key]))
+                    h.wake()
+                    self.count("kek-grant-pushes")
             self.send_plan(plan)
         if levels is None:
-            rec = self.manager.member(name)
-            if rec is not None:
-                rec["evicted"] = True
-                self.store.commit({f"member/{name}": rec})
-        self.count("evictions")
-        log.info("evicted %s from %d level(s)", name, len(results))
-        return len(results)
+            recs = {n: self.manager.member(n) for n in names}
+            done = {f"member/{n}": {**rec, "evicted": True} for n, rec in recs.items() if rec is not None}
+            if done:
+                self.store.commit(done)
+        self.count("evictions", len(names))
+        nlevels = len({lc.key for lc, _ in results})
+        log.info("evicted %s from %d level(s)", ", ".join(names), nlevels)
+        return nlevels
 
     def reload_member(self, name: str, lost: list[list[str]] | None = None) -> int:
         """A member record changed (``groupsec member set``): levels it lost are rekeyed for

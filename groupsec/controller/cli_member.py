@@ -56,8 +56,9 @@ def register(sub: Any) -> None:
     add_home_argument(ls)
     ls.set_defaults(func=cmd_list)
 
-    r = msub.add_parser("revoke", help="revoke a member: refuse it, close its sessions, rekey its groups")
-    r.add_argument("name")
+    r = msub.add_parser("revoke", help="revoke members: refuse them, close their sessions, rekey their groups "
+                        "(several names: one batch eviction, one key-tree rekey per level)")
+    r.add_argument("name", nargs="+")
     add_home_argument(r)
     r.set_defaults(func=cmd_revoke)
 
@@ -190,20 +191,26 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_revoke(args: argparse.Namespace) -> int:
     home, _, store = _open(args)
-    rec = store.get(f"member/{args.name}")
-    if rec is None:
-        raise ConfigError(f"no member named {args.name}")
-    rec["revoked"] = True
-    rec["revoked_at"] = time.time()
-    puts = {f"member/{args.name}": rec, **{f"revoked/{s}": {"name": args.name} for s in rec.get("serials", [])}}
+    names = list(dict.fromkeys(args.name))
+    puts: dict[str, Any] = {}
+    for name in names:
+        rec = store.get(f"member/{name}")
+        if rec is None:
+            raise ConfigError(f"no member named {name}")
+        rec["revoked"] = True
+        rec["revoked_at"] = time.time()
+        puts.update({f"member/{name}": rec, **{f"revoked/{s}": {"name": name} for s in rec.get("serials", [])}})
     store.commit(puts)
-    reply = admin_request(home, {"op": "revoke", "name": args.name})
+    who = ", ".join(names)
+    req: dict[str, Any] = {"op": "revoke", "name": names[0]} if len(names) == 1 else {"op": "revoke", "names": names}
+    reply = admin_request(home, req)
     if reply is None:
-        print(f"member {args.name} revoked; no controller is running: it evicts the member when it starts")
+        print(f"member {who} revoked; no controller is running: it evicts {'it' if len(names) == 1 else 'them'} "
+              "when it starts")
     elif reply.get("ok"):
-        print(f"member {args.name} revoked and evicted: {reply.get('levels')} level(s) rekeyed")
+        print(f"member {who} revoked and evicted: {reply.get('levels')} level(s) rekeyed")
     else:
-        print(f"member {args.name} revoked; the running controller answered: {reply.get('error')}")
+        print(f"member {who} revoked; the running controller answered: {reply.get('error')}")
         return 1
     return 0
 

@@ -26,7 +26,7 @@ DEFAULT_PORT = 7443
 GROUP_KEYS = {
     "dst", "source", "protocol", "port", "protection", "suite", "mode", "tek_lifetime", "kek_lifetime", "atd",
     "dtd", "replay_window", "sender_policy", "sender_id_bits", "rekey_channel", "udp_encap_port", "datapath",
-    "source_auth", "levels", "members",
+    "source_auth", "levels", "members", "key_tree", "key_tree_degree", "backward_access_control",
 }
 LEVEL_KEYS = GROUP_KEYS - {"levels"}
 CONTROLLER_KEYS = {"listen", "state", "heartbeat_interval", "handshake_timeout", "idle_timeout",
@@ -41,6 +41,9 @@ class LevelConfig:
     sender_id_bits: int
     datapath: str  # "any" or "xfrm" (xfrm: no shared counter-mode SA, see DESIGN.md s5)
     members: frozenset[str] | None  # the level's own allow-list (None: the member registry decides)
+    key_tree: str = "none"  # "lkh": the level's KEK is the root of an LKH key tree (docs/PROTOCOL.md s9)
+    key_tree_degree: int = 3
+    backward_access_control: bool = False  # LKH: a join refreshes the newcomer's path keys (and the KEK)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -185,7 +188,7 @@ def _level(c: _Checker, group: str, level: str, d: dict[str, Any], base: dict[st
         raise c.fail(f"{path}.rekey_channel", "missing (multicast ADDRESS:PORT for rekey datagrams)")
     raddr, rport = _hostport(c, c.get(m, "rekey_channel", path, (str,), ""), f"{path}.rekey_channel", True)
     encap = m.get("udp_encap_port", 4500)
-    if encap is not None and (isinstance(encap, bool) or not isinstance(encap, int) or not 0 < encap < 65536):
+    if encap is not None and (isinstance(encap, bool) or not isinstance(encap, int) or not 0 <= encap < 65536):
         raise c.fail(f"{path}.udp_encap_port", f"{encap!r} is not a port in 1..65535 (or 0 for raw ESP/AH)")
     if encap == 0 or protection == "ah":
         encap = None
@@ -197,6 +200,14 @@ def _level(c: _Checker, group: str, level: str, d: dict[str, Any], base: dict[st
     members = m.get("members") if level else d.get("members")
     if members is not None and (not isinstance(members, list) or not all(isinstance(x, str) for x in members)):
         raise c.fail(f"{path}.members", "must be a list of member names")
+    key_tree = c.choice(m, "key_tree", path, ("none", "lkh"), "none")
+    degree = c.get(m, "key_tree_degree", path, (int,), 3)
+    if not 2 <= degree <= 64:
+        raise c.fail(f"{path}.key_tree_degree", f"{degree} is not in 2..64")
+    bac = c.get(m, "backward_access_control", path, (bool,), False)
+    if key_tree == "none" and ("key_tree_degree" in m or bac):
+        key = "key_tree_degree" if "key_tree_degree" in m else "backward_access_control"
+        raise c.fail(f"{path}.{key}", "applies to key_tree = \"lkh\" only")
     try:
         policy = GroupPolicy(group=group, dst=dst, protocol=protection, suite=suite, mode=mode,  # type: ignore[arg-type]
                              level=level, src=src, ip_proto=ip_proto, port=port, replay_window=rw,
@@ -205,7 +216,8 @@ def _level(c: _Checker, group: str, level: str, d: dict[str, Any], base: dict[st
                              tek_lifetime=tek, kek_lifetime=kek)
     except PolicyError as exc:
         raise c.fail(path, str(exc)) from None
-    return LevelConfig(group, level, policy, bits, datapath, frozenset(members) if members is not None else None)
+    return LevelConfig(group, level, policy, bits, datapath, frozenset(members) if members is not None else None,
+                       key_tree, degree, bac)
 
 
 def parse_config(data: dict[str, Any], fname: str = "groupsec.toml") -> Config:
@@ -298,7 +310,9 @@ advertise = true                  # zeroconf _groupsec._tcp.local.
 # One table per group. Keys: dst, source (SSM), protocol (udp/tcp/any/0-255), port, protection (esp/ah),
 # suite, mode (tunnel/transport), tek_lifetime, kek_lifetime, atd, dtd (seconds), replay_window (32..4096),
 # sender_policy ("shared": one group SA with RFC 6054 sender IDs; "per-sender": one SA per sender),
-# sender_id_bits, rekey_channel ("ADDR:PORT"), udp_encap_port (0 = raw ESP), datapath ("any"/"xfrm").
+# sender_id_bits, rekey_channel ("ADDR:PORT"), udp_encap_port (0 = raw ESP), datapath ("any"/"xfrm"),
+# key_tree ("none" or "lkh": an LKH key tree makes eviction one small multicast rekey), key_tree_degree
+# (2..64, default 3) and backward_access_control (true: a join refreshes the KEK; key_tree = "lkh" only).
 [groups.video]
 dst = "239.1.1.1"
 protocol = "udp"

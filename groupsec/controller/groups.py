@@ -10,7 +10,8 @@ Per group level the state is::
      "msg_id": int, "next_gen": int,
      "gens": [{"gen", "activate_at", "deactivate_at", "created", "group_sa": SAParams-dict | None,
                "sender_sas": {member: SAParams-dict}}],            # oldest first
-     "sender_ids": {member: id}, "revoked_senders": [id]}
+     "sender_ids": {member: id}, "revoked_senders": [id],
+     "lkh_base": int}                      # key-tree levels only (groupsec.controller.keytree)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from groupsec.controller.config import Config, LevelConfig
+from groupsec.controller.keytree import KeyTrees, adopt_root, lkh_inner
 from groupsec.controller.store import Store
 from groupsec.errors import ConfigError
 from groupsec.ipsec.params import SAParams
@@ -76,6 +78,7 @@ class GroupManager:
             _, dst, spi = k.split("/", 2)
             self._spis.setdefault(dst, set()).add(int(spi, 16))
         self.counters: dict[str, int] = {}
+        self.trees = KeyTrees(store)
 
     # ---- members ---------------------------------------------------------------------------
 
@@ -218,6 +221,45 @@ class GroupManager:
             st["gens"].append(self._new_gen(lc, st, now, now, spis))
             self._commit(lc, st, spis)
             log.info("created state for %s/%s", lc.group, lc.level or "-")
+        for lc in self.config.levels.values():
+            if lc.key_tree == "lkh" and self.trees.get(lc) is None:
+                st = _copy(self.state(lc.group, lc.level))
+                self._commit(lc, st, set(), self.trees.create(lc, st, now))
+                log.info("%s/%s: LKH key tree created (degree %d), KEK epoch %d", lc.group, lc.level or "-",
+                         lc.key_tree_degree, st["kek_epoch"])
+
+    # ---- key trees -------------------------------------------------------------------------
+
+    def ensure_tree_member(self, name: str, lc: LevelConfig, now: float) -> RekeyPlan | None:
+        """Give the member its leaf in the level's key tree (once, durably). Returns the tree
+        rekey the other members need (a leaf split, or backward access control), if any."""
+        tree = self.trees.get(lc)
+        if tree is None or name in tree:
+            return None
+        st = _copy(self.state(lc.group, lc.level))
+        old_epoch = st["kek_epoch"]
+        try:
+            res = tree.join(name)
+            plan = None
+            extra = self.trees.puts(lc, tree)
+            if res.rekey is not None:
+                adopt_root(st, tree, now)
+                st["msg_id"] += 1
+                plan = RekeyPlan(lc.group, lc.level, st["msg_id"], old_epoch, "lkh", lkh_inner(st, res.rekey), now)
+                extra[f"rekey/{lc.group}/{lc.level}"] = _plan_record(plan)
+            self._commit(lc, st, set(), extra)
+        except BaseException:
+            self.trees.forget(lc)
+            raise
+        self._count("lkh-joins")
+        return plan
+
+    def tree_path(self, name: str, lc: LevelConfig) -> bytes | None:
+        tree = self.trees.get(lc)
+        return tree.path_for(name).encode() if tree is not None and name in tree else None
+
+    def _count(self, key: str) -> None:
+        self.counters[key] = self.counters.get(key, 0) + 1
 
     # ---- grants ----------------------------------------------------------------------------
 
@@ -295,6 +337,9 @@ class GroupManager:
         extra: dict[str, Any] = {}
         if lc.policy.sender_policy == "per-sender":
             extra["owners"] = self._owners(st)
+        path = self.tree_path(name, lc)
+        if path is not None:
+            extra["lkh_path"] = path  # MemberPath.encode(): this member's keys, only over its own session
         sender_keys: dict[int, bytes] = {}
         if lc.policy.source_auth != "none":
             if "receiver" in roles:
@@ -319,14 +364,30 @@ class GroupManager:
     def rollover(self, lc: LevelConfig, now: float, *, new_kek_inline: bool = False, reason: str = "scheduled"
                  ) -> RekeyPlan:
         """TEK rollover: a new generation activating at now+ATD; the previous one is deactivated
-        DTD after that. With ``new_kek_inline`` the next KEK travels inside (scheduled KEK rollover)."""
+        DTD after that. With ``new_kek_inline`` the next KEK travels inside (scheduled KEK rollover;
+        on a key-tree level: a new root key, wrapped under the root's children)."""
         st = _copy(self.state(lc.group, lc.level))
+        spis: set[int] = set()
+        extra: dict[str, Any] = {}
+        try:
+            plan = self._rollover_into(lc, st, now, spis, extra, new_kek_inline)
+            self._commit(lc, st, spis, extra)
+        except BaseException:
+            self.trees.forget(lc)
+            raise
+        self._count(f"rollover-{reason}")
+        log.info("%s/%s: TEK rollover (%s) msg_id %d gen %d", lc.group, lc.level or "-", reason, plan.msg_id,
+                 st["gens"][-1]["gen"])
+        return plan
+
+    def _rollover_into(self, lc: LevelConfig, st: dict[str, Any], now: float, spis: set[int],
+                       extra: dict[str, Any], new_kek_inline: bool = False) -> RekeyPlan:
+        """Apply a TEK rollover to ``st`` (not committed); ``extra`` collects the other puts."""
         self._prune(st, now)
         activate_at = now + lc.policy.atd
         for gen in st["gens"]:
             if gen["deactivate_at"] is None or gen["deactivate_at"] > activate_at + lc.policy.dtd:
                 gen["deactivate_at"] = activate_at + lc.policy.dtd
-        spis: set[int] = set()
         gen = self._new_gen(lc, st, activate_at, now, spis)
         st["gens"].append(gen)
         st["msg_id"] += 1
@@ -336,17 +397,22 @@ class GroupManager:
             inner["owners"] = self._owners(st)
         if lc.policy.source_auth != "none":
             inner["sender_keys"] = self._sender_keys(st)
-        if new_kek_inline:
+        kind = "rekey"
+        tree = self.trees.get(lc)
+        if new_kek_inline and tree is not None:
+            msg = tree.refresh_kek()
+            adopt_root(st, tree, now)
+            inner.update(lkh_inner(st, msg))
+            extra.update(self.trees.puts(lc, tree))
+            kind = "lkh"
+        elif new_kek_inline:
             st["kek_epoch"] = epoch + 1
             st["keks"] = {epoch: st["keks"][epoch], epoch + 1: new_kek()}
             st["kek_created"] = now
             inner["kek"] = {"epoch": epoch + 1, "key": st["keks"][epoch + 1]}
-        plan = RekeyPlan(lc.group, lc.level, st["msg_id"], epoch, "rekey", inner, now,
+        plan = RekeyPlan(lc.group, lc.level, st["msg_id"], epoch, kind, inner, now,
                          push_grants=lc.policy.sender_policy == "per-sender")
-        self._commit(lc, st, spis, {f"rekey/{lc.group}/{lc.level}": _plan_record(plan)})
-        self.counters[f"rollover-{reason}"] = self.counters.get(f"rollover-{reason}", 0) + 1
-        log.info("%s/%s: TEK rollover (%s) msg_id %d gen %d", lc.group, lc.level or "-", reason, plan.msg_id,
-                 gen["gen"])
+        extra[f"rekey/{lc.group}/{lc.level}"] = _plan_record(plan)
         return plan
 
     def _gen_grants(self, st: dict[str, Any]) -> list[dict[str, Any]]:
@@ -363,36 +429,92 @@ class GroupManager:
 
     def evict(self, name: str, now: float, levels: set[tuple[str, str]] | None = None
               ) -> list[tuple[LevelConfig, RekeyPlan]]:
-        """Remove ``name`` from every level it belonged to: a fresh KEK epoch is written durably
-        (never sent under the old KEK: the caller pushes it per member over TLS), then a TEK
-        rollover under the new KEK. Returns the rollovers to send after the KEK pushes."""
-        out = []
+        return self.evict_many([name], now, levels)
+
+    def evict_many(self, names: list[str], now: float, levels: set[tuple[str, str]] | None = None
+                   ) -> list[tuple[LevelConfig, RekeyPlan]]:
+        """Remove ``names`` (one or a batch) from every level they belonged to (``levels``: only
+        those). Returns the rekeys to send, in order, per level:
+
+        - flat level: a fresh KEK epoch is written durably (never sent under the old KEK: the
+          caller pushes it per member over TLS), then one TEK rollover under the new KEK;
+        - key-tree level: ONE tree message evicting all of them at once (kind "lkh", under the
+          old KEK: only the remaining members can open its wraps), then the TEK rollover under
+          the new KEK, both written in one commit with the tree.
+        """
+        out: list[tuple[LevelConfig, RekeyPlan]] = []
+        flat: list[LevelConfig] = []
         for lc in self.config.levels.values():
             if levels is not None and lc.key not in levels:
                 continue
             st = self.state(lc.group, lc.level)
-            if levels is None and name not in st["sender_ids"] and not self._was_member(name, lc):
+            tree = self.trees.get(lc)
+            if tree is not None:
+                gone = [n for n in names if n in tree]
+                if gone or any(n in st["sender_ids"] for n in names):
+                    out.extend((lc, p) for p in self._evict_tree(lc, tree, gone, names, now))
+                continue
+            if levels is None and not any(n in st["sender_ids"] or self._was_member(n, lc) for n in names):
                 continue
             st = _copy(st)
+            self._drop_senders(st, names)
+            epoch = st["kek_epoch"] + 1
+            st["kek_epoch"], st["keks"], st["kek_created"] = epoch, {epoch: new_kek()}, now
+            self._commit(lc, st, set())
+            log.info("%s/%s: evicted %s, KEK epoch %d", lc.group, lc.level or "-", ", ".join(names), epoch)
+            flat.append(lc)
+        return out + [(lc, self.rollover(lc, now, reason="eviction")) for lc in flat]
+
+    def _evict_tree(self, lc: LevelConfig, tree: Any, gone: list[str], names: list[str], now: float
+                    ) -> list[RekeyPlan]:
+        st = _copy(self.state(lc.group, lc.level))
+        self._drop_senders(st, names)
+        plans = []
+        spis: set[int] = set()
+        extra: dict[str, Any] = {}
+        try:
+            if gone:
+                old_epoch = st["kek_epoch"]
+                msg = tree.evict(gone)
+                adopt_root(st, tree, now)
+                st["msg_id"] += 1
+                plans.append(RekeyPlan(lc.group, lc.level, st["msg_id"], old_epoch, "lkh", lkh_inner(st, msg), now))
+                extra.update(self.trees.puts(lc, tree))
+                extra[f"lkhrekey/{lc.group}/{lc.level}"] = _plan_record(plans[0])
+            plans.append(self._rollover_into(lc, st, now, spis, extra))
+            self._commit(lc, st, spis, extra)
+        except BaseException:
+            self.trees.forget(lc)
+            raise
+        self._count("lkh-evictions")
+        self._count("rollover-eviction")
+        log.info("%s/%s: evicted %s from the key tree (%d wraps), KEK epoch %d", lc.group, lc.level or "-",
+                 ", ".join(gone) or "-", len(msg.wraps) if gone else 0, st["kek_epoch"])
+        return plans
+
+    @staticmethod
+    def _drop_senders(st: dict[str, Any], names: list[str]) -> None:
+        for name in names:
             sid = st["sender_ids"].pop(name, None)
             if sid is not None:
                 st["revoked_senders"].append(sid)
             (st.get("signing_keys") or {}).pop(name, None)
             for gen in st["gens"]:
                 gen["sender_sas"].pop(name, None)
-            epoch = st["kek_epoch"] + 1
-            st["kek_epoch"], st["keks"], st["kek_created"] = epoch, {epoch: new_kek()}, now
-            self._commit(lc, st, set())
-            log.info("%s/%s: evicted %s, KEK epoch %d", lc.group, lc.level or "-", name, epoch)
-            out.append(lc)
-        return [(lc, self.rollover(lc, now, reason="eviction")) for lc in out]
+
+    def last_tree_plan(self, lc: LevelConfig) -> RekeyPlan | None:
+        """The tree message of the last key-tree eviction (resent before the rollover after it)."""
+        return self._plan_at(f"lkhrekey/{lc.group}/{lc.level}")
 
     def _was_member(self, name: str, lc: LevelConfig) -> bool:
         rec = self.member(name)
         return rec is not None and bool(self._roles_in(rec, lc))
 
     def last_plan(self, lc: LevelConfig) -> RekeyPlan | None:
-        rec = self.store.get(f"rekey/{lc.group}/{lc.level}")
+        return self._plan_at(f"rekey/{lc.group}/{lc.level}")
+
+    def _plan_at(self, key: str) -> RekeyPlan | None:
+        rec = self.store.get(key)
         if rec is None:
             return None
         return RekeyPlan(rec["group"], rec["level"], rec["msg_id"], rec["kek_epoch"], rec["kind"], rec["inner"],

@@ -4,6 +4,7 @@ and the local admin socket (``DIR/admin.sock``, mode 0600, same-uid peers only).
 Admin requests are one frame each (msgpack map ``{"op": ...}``), answered by one frame:
     {"op": "reload", "name": NAME}      a member record changed (re-read; lost levels are rekeyed)
     {"op": "revoke", "name": NAME}      close the member's sessions and evict it
+    {"op": "revoke", "names": [NAME...]} the same for several members at once (one rekey per level)
     {"op": "rekey", "group": G, "level": L|None, "kek": bool}
     {"op": "status"}
 """
@@ -285,6 +286,9 @@ class ControllerServer:
             plans = app.rekey_now(group, req.get("level"), bool(req.get("kek")))
             return {"ok": True, "rekeyed": [{"group": p.group, "level": p.level, "msg_id": p.msg_id} for p in plans]}
         if op == "revoke":
+            names = req.get("names")
+            if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
+                return {"ok": True, "levels": app.revoke_many(names[:4096])}  # batch: one tree rekey per level
             name = str(req.get("name"))
             return {"ok": True, "levels": app.revoke(name)}
         if op == "reload":

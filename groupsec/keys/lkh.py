@@ -256,6 +256,14 @@ class LKHTree:
         self.epoch = epoch
         return RekeyMessage(epoch, tuple(wraps), tuple(removed))
 
+    def refresh_kek(self) -> RekeyMessage:
+        """A new root key (a scheduled KEK rollover, nobody leaves), wrapped under the current
+        key of each child of the root: one message of at most ``degree`` wraps."""
+        epoch = self.epoch + 1
+        wraps = self._refresh({ROOT_ID}, epoch)
+        self.epoch = epoch
+        return RekeyMessage(epoch, tuple(wraps))
+
     # ---- bulk build and persistence
 
     @classmethod
