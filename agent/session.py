@@ -180,7 +180,8 @@ class AgentSession:
         if isinstance(ev, InstallChanged):
             inst = ev.install
             try:
-                self.datapath.apply(GroupInstall(inst.policy, inst.inbound, inst.outbound, dict(inst.sender_keys)))
+                self.datapath.apply(GroupInstall(inst.policy, inst.inbound, inst.outbound, dict(inst.sender_keys),
+                                                 dict(inst.owners), inst.signing_key))
             except GroupSecError as exc:
                 self.counters["apply_errors"] += 1
                 log.error("data path refused %s: %s", inst.policy.key, exc)

@@ -21,6 +21,8 @@ class GroupInstall:
     inbound: tuple[SAParams, ...] = ()  # every SA this member may receive under
     outbound: SAParams | None = None  # the SA this member sends with now (None: receive-only)
     sender_keys: dict[int, bytes] = field(default_factory=dict)  # source auth: sender ID/SPI -> Ed25519 public key
+    owners: dict[int, int] = field(default_factory=dict)  # source auth, per-sender SAs: SPI -> owner's sender ID
+    signing_key: bytes | None = field(default=None, repr=False)  # source auth: this sender's raw Ed25519 key
 
 
 class Datapath(Protocol):

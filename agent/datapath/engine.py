@@ -12,6 +12,16 @@ Two wire formats:
 * ``raw``: a whole IP packet carrying ESP or AH (protocols 50/51), built and opened by
   ``groupsec.ipsec.packet``.
 
+Source-origin authentication (``policy.source_auth`` "sign" / "sign-batched",
+docs/PROTOCOL.md): every ESP packet this member seals goes through the group's
+``GroupSourceAuth``, which appends the sender's signature trailer; every packet it opens
+must carry a valid signature of the sender the SA or sender ID names, else it is dropped
+as ``source-auth-failed``. The seal methods therefore return a *list* of datagrams to
+send: "sign-batched" holds packets until its window closes (at most ``max_packets``
+packets or ``max_delay`` seconds), and the data path calls ``get_timer()`` /
+``handle_timer(now)`` and ``flush()`` (before it stops) to release them. Source
+authentication is supported on the ``encap`` wire only; a ``raw`` engine refuses it.
+
 ``PlainEngine`` has the same interface with protection switched off. It exists for one
 purpose: the same-run baseline of ``groupsec bench datapath``.
 """
@@ -23,7 +33,7 @@ import struct
 from typing import Any, Literal
 
 from agent.datapath.base import GroupInstall
-from groupsec.errors import BadPacket, GroupSecError, LocalProtocolError, PacketDropped
+from groupsec.errors import BadPacket, GroupSecError, LocalProtocolError, PacketDropped, PolicyError
 from groupsec.ipsec import ip as ipmod
 from groupsec.ipsec import packet as pktmod
 from groupsec.ipsec import udpencap
@@ -31,6 +41,7 @@ from groupsec.ipsec.params import SAParams
 from groupsec.ipsec.policy import GroupPolicy
 from groupsec.ipsec.sa import SecurityAssociation
 from groupsec.ipsec.sad import SAD
+from groupsec.ipsec.sourceauth_group import GroupSourceAuth
 
 Wire = Literal["encap", "raw"]
 # (inner IP packet, its UDP payload)
@@ -57,6 +68,12 @@ class PlaintextForGroup(PacketDropped):
     reason = "plaintext"
 
 
+class NoSigningKey(LocalProtocolError):
+    """A sender of a source-authenticated group holds no signing key: it cannot send."""
+
+    reason = "no-signing-key"
+
+
 class Keepalive(PacketDropped):
     """An RFC 3948 NAT keepalive: nothing to deliver."""
 
@@ -74,8 +91,21 @@ class GroupEngine:
 
     protected = True
 
-    def __init__(self, install: GroupInstall, wire: Wire, src_address: str, now: float, *, ttl: int = 1) -> None:
+    def __init__(self, install: GroupInstall, wire: Wire, src_address: str, now: float, *, ttl: int = 1,
+                 max_packets: int | None = None, max_delay: float | None = None) -> None:
         self.policy: GroupPolicy = install.policy
+        mode = install.policy.source_auth
+        if mode != "none" and wire != "encap":
+            raise PolicyError(f"group {install.policy.group!r}: source_auth {mode!r} needs the ESP-in-UDP wire "
+                              "(a udp_encap_port); the raw ESP wire does not carry signature trailers")
+        limits: dict[str, Any] = {}
+        if max_packets is not None:
+            limits["max_packets"] = max_packets
+        if max_delay is not None:
+            limits["max_delay"] = max_delay
+        self.sauth = GroupSourceAuth(mode, **limits)
+        self._signed = mode != "none"
+        self.on_timer_armed: Any = None  # called when a batched window opens (the shell wakes its timer)
         self.wire: Wire = wire
         self.src_address = src_address  # the outer/inner source this member sends from
         self.ttl = ttl  # of the inner packets the relay and GroupSocket build
@@ -106,6 +136,8 @@ class GroupEngine:
         """Reconcile with ``install``: unchanged SAs keep their replay windows and sequence numbers."""
         if install.policy.key != self.policy.key or install.policy.dst != self.policy.dst:
             raise LocalProtocolError("an install for another group (or group address) was applied to this engine")
+        if install.policy.source_auth != self.policy.source_auth:
+            raise LocalProtocolError("source_auth changed: the data path must start this group's engine anew")
         self.policy = install.policy
         pol = self.policy
         # the inline receive check: the port a UDP packet must have (-1: let _check_inner decide)
@@ -119,6 +151,10 @@ class GroupEngine:
             if wanted.get(spi) != sa.params:
                 self.sad.remove(spi, self._dst, sa.params.src)
                 del self.inbound[spi]
+                self.sauth.forget(spi)
+        if self._signed:
+            # a sender no longer listed is revoked from this moment on (its cached windows too)
+            self.sauth.update(install.sender_keys, install.owners, install.signing_key)
         for spi, p in wanted.items():
             if spi not in self.inbound:
                 sa = SecurityAssociation(p, "in", now)
@@ -151,12 +187,22 @@ class GroupEngine:
             raise ReceiveOnly(f"group {self.policy.group!r}: this member is receive-only (no outbound SA)")
         return sa
 
-    def seal_payload(self, payload: bytes | memoryview, sport: int, dport: int, now: float) -> bytes:
-        """Protect an application's UDP payload (from the relay or a GroupSocket)."""
+    def seal_payload(self, payload: bytes | memoryview, sport: int, dport: int, now: float) -> list[bytes]:
+        """Protect an application's UDP payload (from the relay or a GroupSocket). Returns the
+        datagrams to send now: one, or with "sign-batched" none or a whole window."""
         sa = self.outbound
         if sa is None:
             raise ReceiveOnly(f"group {self.policy.group!r}: this member is receive-only (no outbound SA)")
         n = len(payload)
+        if self._signed:
+            inner = self._inner_udp(payload, sport, dport)
+            if sa.params.mode == "tunnel":
+                out = self._sign(sa, self._tunnel_nh, inner, now)
+            else:
+                out = self._sign(sa, _PROTO_UDP, inner[20 if self._version == 4 else 40:], now)
+            self.tx_packets += 1
+            self.tx_bytes += n
+            return out
         if self._fast_tunnel and n <= 65507 and sa.params.mode == "tunnel":
             # _inner_udp inline (the hot path of the relay and GroupSocket)
             ident = self._ident = self._ident % 0xFFFF + 1
@@ -170,9 +216,9 @@ class GroupEngine:
             data = self._seal_ip(sa, self._inner_udp(payload, sport, dport), now)
         self.tx_packets += 1
         self.tx_bytes += n
-        return data
+        return [data]
 
-    def seal_packet(self, pkt: bytes, now: float) -> bytes:
+    def seal_packet(self, pkt: bytes, now: float) -> list[bytes]:
         """Protect a real IP packet (read from the TUN device)."""
         sa = self._out()
         info = ipmod.parse_ip_untrusted(pkt)
@@ -181,12 +227,41 @@ class GroupEngine:
         if sa.params.mode == "transport" and self.wire == "encap":
             if info.proto != _PROTO_UDP or info.fragment:
                 raise NotForGroup("transport-mode ESP-in-UDP carries unfragmented UDP only")
-            data = sa.seal_esp(_PROTO_UDP, info.payload, now)
+            out = self._sign(sa, _PROTO_UDP, bytes(info.payload), now) if self._signed else \
+                [sa.seal_esp(_PROTO_UDP, info.payload, now)]
+        elif self._signed:
+            out = self._sign(sa, self._tunnel_nh, pkt, now)  # encap wire only (checked at start)
         else:
-            data = self._seal_ip(sa, pkt, now)
+            out = [self._seal_ip(sa, pkt, now)]
         self.tx_packets += 1
         self.tx_bytes += len(pkt)
-        return data
+        return out
+
+    def _sign(self, sa: SecurityAssociation, nh: int, payload: bytes, now: float) -> list[bytes]:
+        """Seal through the group's source authentication (ESP-in-UDP: the datagram is P || T)."""
+        sauth = self.sauth
+        if not sauth.can_sign:
+            raise NoSigningKey(f"group {self.policy.group!r}: source_auth {sauth.mode!r} and no signing key "
+                               "in this sender's grant")
+        idle = sauth.get_timer() is None
+        out = sauth.seal(sa, nh, payload, now)
+        if idle and self.on_timer_armed is not None and sauth.get_timer() is not None:
+            self.on_timer_armed()
+        return out
+
+    # --- source authentication timers (the shell calls these) ------------------------------
+
+    def get_timer(self) -> float | None:
+        """When the open "sign-batched" window must close (None: nothing waits)."""
+        return self.sauth.get_timer() if self._signed else None
+
+    def handle_timer(self, now: float) -> list[bytes]:
+        """The packets of a window whose ``max_delay`` has passed, ready to send."""
+        return self.sauth.handle_timer(now) if self._signed else []
+
+    def flush(self) -> list[bytes]:
+        """Close the open window now (before the data path stops or drops this engine)."""
+        return self.sauth.flush() if self._signed else []
 
     def _inner_udp(self, payload: bytes | memoryview, sport: int, dport: int) -> bytes:
         """The application's datagram as an IP/UDP packet from this member to the group.
@@ -232,7 +307,10 @@ class GroupEngine:
                 raise Keepalive("NAT keepalive")
             raise PlaintextForGroup("non-ESP datagram on the encapsulation port")
         sa = self._any_source.get(spi) or self.sad.lookup(spi, self._dst, outer_src)
-        nh, pkt, _sender = sa.open_esp_untrusted(data, now)
+        if self._signed:
+            nh, pkt, _sender = self.sauth.opener(sa).open_esp_untrusted(data, now)
+        else:
+            nh, pkt, _sender = sa.open_esp_untrusted(data, now)
         if nh == _PROTO_IPV4 and sa.params.mode == "tunnel":
             # the common case inline: an option-less, unfragmented IPv4/UDP packet to the group
             n = len(pkt)
@@ -298,11 +376,14 @@ class GroupEngine:
             p = sa.params
             sas.append({"spi": p.spi, "direction": sa.direction, "protocol": p.protocol, "suite": p.suite,
                         "mode": p.mode, "sender": p.src, "sender_id": p.sender_id, **sa.statistics()})
-        return {"group": self.policy.group, "level": self.policy.level, "dst": self.policy.dst,
-                "wire": self.wire, "protected": True, "sender": self.outbound is not None,
-                "tx_packets": self.tx_packets, "tx_bytes": self.tx_bytes,
-                "rx_packets": self.rx_packets, "rx_bytes": self.rx_bytes,
-                "drops": dict(self.drops), "sas": sas}
+        st = {"group": self.policy.group, "level": self.policy.level, "dst": self.policy.dst,
+              "wire": self.wire, "protected": True, "sender": self.outbound is not None,
+              "tx_packets": self.tx_packets, "tx_bytes": self.tx_bytes,
+              "rx_packets": self.rx_packets, "rx_bytes": self.rx_bytes,
+              "drops": dict(self.drops), "sas": sas}
+        if self._signed:
+            st["source_auth"] = self.sauth.statistics()
+        return st
 
 
 class PlainEngine:
@@ -322,10 +403,19 @@ class PlainEngine:
     def count_drop(self, exc: GroupSecError) -> None:
         self.drops[exc.reason] = self.drops.get(exc.reason, 0) + 1
 
-    def seal_payload(self, payload: bytes | memoryview, sport: int, dport: int, now: float) -> bytes | memoryview:
+    def seal_payload(self, payload: bytes | memoryview, sport: int, dport: int, now: float) -> list[Any]:
         self.tx_packets += 1
         self.tx_bytes += len(payload)
-        return payload
+        return [payload]
+
+    def get_timer(self) -> float | None:
+        return None
+
+    def handle_timer(self, now: float) -> list[bytes]:
+        return []
+
+    def flush(self) -> list[bytes]:
+        return []
 
     def open_encap_untrusted(self, data: bytes | memoryview, outer_src: str, now: float) -> Opened:
         self.rx_packets += 1

@@ -66,11 +66,13 @@ class GroupSocket:
 
     async def send(self, payload: bytes) -> None:
         """Protect ``payload`` and multicast it to the group. Raises ``ReceiveOnly`` when this
-        member has no outbound SA, ``SAExpired`` when the outbound SA is used up."""
+        member has no outbound SA, ``SAExpired`` when the outbound SA is used up. In a
+        "sign-batched" group the datagram may leave later, when its signing window closes
+        (at most ``max_delay``, 20 ms by default: the data path's timer sends it)."""
         if self.closed:
             raise trio.ClosedResourceError("GroupSocket is closed")
-        data = self.engine.seal_payload(payload, self.sport, self.dport, self._clock())
-        await self._transmit(data)
+        for data in self.engine.seal_payload(payload, self.sport, self.dport, self._clock()):
+            await self._transmit(data)  # "sign-batched": a window's packets leave when it closes
         self.sent += 1
 
     async def receive(self) -> Datagram:

@@ -99,11 +99,12 @@ class Relay:
                     break
                 self.app_in += 1
                 try:
-                    data = seal(view[:n], addr[1], dport, now)
+                    out = seal(view[:n], addr[1], dport, now)
                 except GroupSecError as exc:
-                    count(drops, exc.reason)  # e.g. receive-only, sa-expired
+                    count(drops, exc.reason)  # e.g. receive-only, sa-expired, no-signing-key
                     continue
-                send(data)
+                for data in out:  # one datagram; with "sign-batched" none, or a closed window
+                    send(data)
 
     def close(self) -> None:
         for s in (self.listen, self.out):

@@ -129,11 +129,12 @@ class TunDevice:
                     continue
                 engine, send = route
                 try:
-                    data = engine.seal_packet(bytes(view[:n]), now)
+                    out = engine.seal_packet(bytes(view[:n]), now)
                 except GroupSecError as exc:
-                    count(drops, exc.reason)  # receive-only, selector, sa-expired
+                    count(drops, exc.reason)  # receive-only, selector, sa-expired, no-signing-key
                     continue
-                send(data)
+                for data in out:  # "sign-batched": none yet, or a whole window
+                    send(data)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -24,6 +24,14 @@ Fail closed, and what this path can and cannot see:
 * a receive-only member (no outbound SA) refuses to send: ``ReceiveOnly`` to API callers,
   a ``receive-only`` drop in the relay and TUN counters. This is policy, not protection
   against forgery: every member holds the group key.
+
+Source-origin authentication (``policy.source_auth`` "sign" / "sign-batched"): the engine
+signs what this member sends and drops, as ``source-auth-failed``, every packet that its
+named sender did not sign (docs/PROTOCOL.md). With "sign-batched" a per-group timer task
+sends each window when it closes (``max_packets`` packets or ``max_delay`` after its first
+packet), and removing a group or stopping the data path flushes the open window first.
+Only the ESP-in-UDP wire carries signatures: a source-authenticated group on the raw wire
+is refused with a ``PolicyError``.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from agent.datapath.groupsocket import GroupSocket
 from agent.datapath.relay import Relay, RelayConfig
 from agent.datapath.tun import TunDevice
 from agent.datapath.wire import DEFAULT_RCVBUF, DEFAULT_SNDBUF, EncapWire, PlaintextGuard, RawWire
-from groupsec.errors import ConfigError, LocalProtocolError, PolicyError
+from groupsec.errors import ConfigError, LocalProtocolError
 from groupsec.ipsec.policy import GroupPolicy
 
 __all__ = ["GroupSocket", "RelayConfig", "TunConfig", "UserspaceConfig", "UserspaceDatapath", "group_name"]
@@ -92,6 +100,8 @@ class _Group:
         self.sockets: list[GroupSocket] = []
         self.scope = trio.CancelScope()
         self.send: Callable[[Any], None] = lambda data: None
+        self.timer_armed = trio.Event()  # set when a "sign-batched" window opens
+        engine.on_timer_armed = lambda: self.timer_armed.set()
         self.transmit: Callable[[bytes], Any] = None  # type: ignore[assignment]
 
     def deliver(self, pkt: Any, payload: Any) -> None:
@@ -101,6 +111,26 @@ class _Group:
             self.tun.write(pkt)
         for gs in self.sockets:
             gs._deliver(pkt, payload)
+
+    def flush(self) -> None:
+        """Send the open "sign-batched" window now (before the group's sockets close)."""
+        for data in self.engine.flush():
+            self.send(data)
+
+    async def sign_timer(self, clock: Callable[[], float]) -> None:
+        """Close "sign-batched" windows on time: at most ``max_delay`` after their first packet."""
+        engine = self.engine
+        while True:
+            t = engine.get_timer()
+            if t is None:
+                await self.timer_armed.wait()
+                self.timer_armed = trio.Event()
+                continue
+            delay = t - clock()
+            if delay > 0:
+                await trio.sleep(delay)
+            for data in engine.handle_timer(clock()):
+                self.send(data)
 
     def close(self) -> None:
         """Stop the group's tasks; they close the sockets once they no longer wait on them."""
@@ -160,11 +190,6 @@ class UserspaceDatapath:
 
     def apply(self, install: GroupInstall) -> None:
         key = install.policy.key
-        if install.policy.source_auth != "none":
-            # fail closed: accepting such a group unverified would deliver packets that any
-            # member could have forged, and our own would go out unsigned
-            raise PolicyError(f"group {group_name(key)!r}: source_auth {install.policy.source_auth!r} "
-                              "is not implemented by the userspace data path yet")
         if self._nursery is None:
             self._pending[key] = install
             return
@@ -187,6 +212,7 @@ class UserspaceDatapath:
             self.raw.remove_group(g.engine)
         if g.tun is not None:
             g.tun.remove_group(g.engine)
+        g.flush()
         g.close()
 
     def statistics(self) -> dict[str, Any]:
@@ -285,10 +311,10 @@ class UserspaceDatapath:
             g.close_sockets()
             raise
         self._groups[pol.key] = g
-        self._nursery.start_soon(self._group_tasks, g)
+        self._nursery.start_soon(self._group_tasks, g, self._clock)
 
     @staticmethod
-    async def _group_tasks(g: _Group) -> None:
+    async def _group_tasks(g: _Group, clock: Callable[[], float]) -> None:
         try:
             with g.scope:
                 async with trio.open_nursery() as n:
@@ -298,6 +324,8 @@ class UserspaceDatapath:
                         n.start_soon(g.relay.send_loop)
                     if g.guard is not None:
                         n.start_soon(g.guard.receive_loop)
+                    if g.engine.policy.source_auth == "sign-batched":
+                        n.start_soon(g.sign_timer, clock)
         finally:
             g.close_sockets()
 
@@ -305,4 +333,4 @@ class UserspaceDatapath:
 def _same_sockets(a: GroupPolicy, b: GroupPolicy) -> bool:
     """Can ``b`` be applied to the sockets opened for ``a``?"""
     return all(getattr(a, f) == getattr(b, f)
-               for f in ("dst", "src", "udp_encap_port", "port", "protocol", "ip_proto"))
+               for f in ("dst", "src", "udp_encap_port", "port", "protocol", "ip_proto", "source_auth"))

@@ -71,6 +71,11 @@ class GroupSourceAuth:
 
     # --- sending -------------------------------------------------------------------------
 
+    @property
+    def can_sign(self) -> bool:
+        """True once a signing key was given (a sender of a signing group)."""
+        return self._signing_key is not None
+
     def seal(self, sa: SecurityAssociation, next_header: int, payload: bytes, now: float) -> list[bytes]:
         if self.mode == "none":
             return [sa.seal_esp(next_header, payload, now)]

@@ -158,6 +158,7 @@ class LevelState:
     sender_keys: dict[int, bytes] = field(default_factory=dict)
     revoked_senders: set[int] = field(default_factory=set)
     owners: dict[int, int] = field(default_factory=dict)  # per-sender SAs: spi -> sender ID
+    signing_key: bytes | None = field(default=None, repr=False)  # source auth: our raw Ed25519 key (senders)
     resync_sent_at: float | None = None
     ack_due: float | None = None
     last_heartbeat: float | None = None
@@ -178,6 +179,14 @@ class DesiredInstall:
     inbound: tuple[SAParams, ...]
     outbound: SAParams | None
     sender_keys: dict[int, bytes] = field(default_factory=dict, repr=False)
+    owners: dict[int, int] = field(default_factory=dict)  # per-sender SAs: spi -> owner's sender ID
+    signing_key: bytes | None = field(default=None, repr=False)  # source auth: this sender's key
+
+
+def _signing_key(v: Any) -> bytes | None:
+    """A grant's ``extra["signing_key"]`` (32 raw Ed25519 octets, senders of source-authenticated
+    groups only); anything else is ignored (the data path then refuses to send unsigned)."""
+    return v if isinstance(v, bytes) and len(v) == 32 else None
 
 
 def kek_id(kek: bytes) -> str:
@@ -351,7 +360,8 @@ class MemberProtocol:
     def install_for(self, key: Key, now: float) -> DesiredInstall:
         st = self.levels[key]
         inbound, outbound = self._select(st, now)
-        return DesiredInstall(st.policy, inbound, outbound, dict(st.sender_keys))
+        return DesiredInstall(st.policy, inbound, outbound, dict(st.sender_keys), dict(st.owners),
+                              st.signing_key if st.role == "sender" else None)
 
     def to_controller_time(self, now: float) -> float:
         return now + self.offset
@@ -451,7 +461,8 @@ class MemberProtocol:
         if old is not None and old.kek_epoch < g.kek_epoch and old.kek_epoch in old.keks:
             keks[old.kek_epoch] = old.keks[old.kek_epoch]
         st = LevelState(policy=g.policy, role=g.role, sender_id=g.sender_id, kek_epoch=g.kek_epoch, keks=keks,
-                        msg_id=g.msg_id, sender_keys=dict(g.sender_keys), owners=_owners(g.extra.get("owners")))
+                        msg_id=g.msg_id, sender_keys=dict(g.sender_keys), owners=_owners(g.extra.get("owners")),
+                        signing_key=_signing_key(g.extra.get("signing_key")))
         ctl_now = now + self.offset
         if old is not None:
             st.last_heartbeat, st.last_heartbeat_time = old.last_heartbeat, old.last_heartbeat_time
