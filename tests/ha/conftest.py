@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import pytest
 
 from groupsec.controller.etcdcluster import LocalEtcdCluster, etcd_binary
 from groupsec.controller.sealing import FileKeyProvider
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))  # agent_helpers (real agent processes)
 
 
 @pytest.fixture(scope="module")
