@@ -80,13 +80,13 @@ class AgentCollector:
         sas = gauge("groupsec_agent_sas_installed", "SAs installed in the data path", labels=["group", "level",
                                                                                               "direction"])
         for g in st.get("groups", []):
-            key = [g["group"], g["level"]]
+            gl = [g["group"], g["level"]]
             if g.get("kek_epoch") is not None:
-                epoch.add_metric(key, g["kek_epoch"])
+                epoch.add_metric(gl, g["kek_epoch"])
             if g.get("msg_id") is not None:
-                msg.add_metric(key, g["msg_id"])
+                msg.add_metric(gl, g["msg_id"])
             for d in ("in", "out"):
-                sas.add_metric([*key, d], sum(1 for sa in g.get("sas", []) if sa["direction"] == d))
+                sas.add_metric([*gl, d], sum(1 for sa in g.get("sas", []) if sa["direction"] == d))
         yield from (epoch, msg, sas)
 
     # ---- the userspace data path -------------------------------------------------------------
@@ -164,7 +164,7 @@ class AgentCollector:
             f["auth"].add_metric([g, lv], t["auth-failed"])
         yield from f.values()
         kern = counter("groupsec_agent_kernel_xfrm_errors", "the kernel's /proc/net/xfrm_stat counters (all SAs)",
-                       labels=["name"])
+                       labels=["stat"])
         for name, v in sorted((dp.get("kernel") or {}).items()):
             if isinstance(v, int):
                 kern.add_metric([name], v)

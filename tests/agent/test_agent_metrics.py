@@ -131,3 +131,43 @@ def test_agent_metrics_count_packets_drops_rekeys_and_logs_hold_no_keys(tmp_path
         store.close()
     assert len(keys) >= 3  # the KEK and at least two generations of TEKs
     assert leaked_keys(keys, [ctl.log_file, *(a.log_file for a in agents.values())]) == []
+
+
+class FakeSession:
+    def statistics(self):
+        return {"connected": True, "state": "registered", "counters": {"rekeys_applied": 2},
+                "rejected": {"bad-signature": 1}, "groups": []}
+
+
+class FakeXfrm:
+    """The shape XfrmDatapath.statistics() returns (the kernel's per-SA counters)."""
+
+    def statistics(self):
+        sa = {"group": "plant", "level": "", "protocol": "esp", "suite": "aes-gcm-16-128", "mode": "transport",
+              "dst": "239.2.2.2", "src": None, "seq_out": 0, "seq_in": 0}
+        return {"datapath": "xfrm", "groups": 1, "kernel": {"XfrmInStateProtoError": 3},
+                "sas": [{**sa, "spi": 0x1001, "direction": "in", "packets": 10, "bytes": 1000,
+                         "drops": {"replay": 2, "auth-failed": 1}},
+                        {**sa, "spi": 0x1002, "direction": "in", "packets": 5, "bytes": 500,
+                         "drops": {"replay": 0, "auth-failed": 4}},
+                        {**sa, "spi": 0x2001, "direction": "out", "packets": 7, "bytes": 700,
+                         "drops": {"replay": 0, "auth-failed": 0}}]}
+
+
+def test_xfrm_collector_sums_the_kernel_sa_counters_per_group():
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from agent.metrics import agent_registry
+
+    text = generate_latest(agent_registry(FakeSession(), FakeXfrm())).decode()
+    m = {(s.name, tuple(sorted(s.labels.items()))): s.value
+         for f in text_string_to_metric_families(text) for s in f.samples}
+    assert value(m, "groupsec_agent_packets_total", group="plant", level="", direction="rx") == 15
+    assert value(m, "groupsec_agent_packets_total", group="plant", level="", direction="tx") == 7
+    assert value(m, "groupsec_agent_sa_bytes_total", group="plant", level="", spi="0x00001002", direction="in") == 500
+    assert value(m, "groupsec_agent_auth_failures_total", group="plant", level="") == 5
+    assert value(m, "groupsec_agent_drops_total", group="plant", level="", stage="kernel", reason="replay") == 2
+    assert value(m, "groupsec_agent_kernel_xfrm_errors_total", stat="XfrmInStateProtoError") == 3
+    assert value(m, "groupsec_agent_rekeys_accepted_total") == 2
+    assert value(m, "groupsec_agent_rekeys_rejected_total", reason="bad-signature") == 1
