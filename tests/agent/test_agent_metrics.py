@@ -15,19 +15,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 from agent_helpers import GroupDef, drain, free_port, udp_socket, wait_for
 from metrics_helpers import MetricsAgent, MetricsController, key_bytes, leaked_keys, total, value
+from test_agent_loopback import sniffer
 
 from groupsec.controller.store import SQLiteStore
 
 N = 40
 MARK = b"METRICS-"
-
-
-def sniffer(group: str, port: int) -> socket.socket:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((group, port))
-    s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, socket.inet_aton(group) + socket.inet_aton("127.0.0.1"))
-    return s
 
 
 def inject(group: str, port: int, datagrams: list[bytes]) -> None:
