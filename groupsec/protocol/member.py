@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from groupsec.errors import BadRekey, LocalProtocolError, RemoteProtocolError
 from groupsec.ipsec.params import SAParams
 from groupsec.ipsec.policy import GroupPolicy
+from groupsec.protocol.member_lkh import apply_tree_update, has_tree_update, tree_from_grant
 from groupsec.protocol.messages import (
     PROTOCOL_VERSION,
     Ack,
@@ -159,6 +160,7 @@ class LevelState:
     revoked_senders: set[int] = field(default_factory=set)
     owners: dict[int, int] = field(default_factory=dict)  # per-sender SAs: spi -> sender ID
     signing_key: bytes | None = field(default=None, repr=False)  # source auth: our raw Ed25519 key (senders)
+    lkh: Any = field(default=None, repr=False)  # key-tree level: our MemberKeyState (member_lkh.py)
     resync_sent_at: float | None = None
     ack_due: float | None = None
     last_heartbeat: float | None = None
@@ -377,7 +379,9 @@ class MemberProtocol:
                             "expires_in": None if exp is None or now is None else round(exp - now, 3)})
             groups.append({"group": g, "level": lv, "role": st.role, "msg_id": st.msg_id,
                            "kek_epoch": st.kek_epoch, "kek_id": kek_id(st.keks.get(st.kek_epoch, b"")), "sender_id": st.sender_id, "sas": sas,
-                           "resync_pending": st.resync_sent_at is not None})
+                           "resync_pending": st.resync_sent_at is not None,
+                           "lkh": None if st.lkh is None else {"epoch": st.lkh.epoch, "leaf": st.lkh.leaf_id,
+                                                               "keys": len(st.lkh.keys)}})
         return {"state": self.state, "member": self.member_name, "counters": dict(self.counters),
                 "rejected": dict(self.rejected), "groups": groups}
 
@@ -463,6 +467,10 @@ class MemberProtocol:
         st = LevelState(policy=g.policy, role=g.role, sender_id=g.sender_id, kek_epoch=g.kek_epoch, keks=keks,
                         msg_id=g.msg_id, sender_keys=dict(g.sender_keys), owners=_owners(g.extra.get("owners")),
                         signing_key=_signing_key(g.extra.get("signing_key")))
+        try:
+            st.lkh = tree_from_grant(g.extra, g.kek)
+        except BadRekey as exc:  # unusable path: the next tree rekey fails to open and we resync
+            self._reject(exc, "grant")
         ctl_now = now + self.offset
         if old is not None:
             st.last_heartbeat, st.last_heartbeat_time = old.last_heartbeat, old.last_heartbeat_time
@@ -532,6 +540,8 @@ class MemberProtocol:
             return
         if m.msg_id > st.msg_id + 1:
             self._request_resync(st, now, "msg-id-gap")
+        if has_tree_update(m.extra):
+            self._apply_tree(st, m, now, source)
         self._apply_inner(st, m, now)
         st.msg_id = m.msg_id
         st.last_applied_at = now
@@ -567,6 +577,30 @@ class MemberProtocol:
         for sid in m.revoked_senders:
             st.revoked_senders.add(sid)
             st.sender_keys.pop(sid, None)
+
+    def _apply_tree(self, st: LevelState, m: Any, now: float, source: str) -> None:
+        """A key-tree update (before the rest of the payload): derive the new KEK from our path
+        keys. A missed tree message or an unusable one: resync; evicted: stop (member_lkh.py)."""
+        if st.lkh is None:
+            self._request_resync(st, now, "lkh-no-path")
+            return
+        try:
+            new = apply_tree_update(st.lkh, m.extra)
+        except BadRekey as exc:
+            if exc.reason == "lkh-stale":  # our path (from a grant) is already past it
+                return
+            self._reject(exc, source)
+            if exc.reason == "lkh-cannot-derive":
+                self.counters["lkh_evicted"] = self.counters.get("lkh_evicted", 0) + 1
+                st.lkh = None  # our keys no longer lead to the KEK: stop using the tree
+            self._request_resync(st, now, exc.reason)
+            return
+        self.counters["lkh_applied"] = self.counters.get("lkh_applied", 0) + 1
+        if new is not None and new[0] > st.kek_epoch:
+            st.kek_epoch = new[0]
+            st.keks[new[0]] = new[1]
+            for e in sorted(st.keks)[:-KEEP_KEKS]:
+                del st.keks[e]
 
     def _request_resync(self, st: LevelState, now: float, why: str) -> None:
         if st.resync_sent_at is not None or self.state != "registered":

@@ -177,7 +177,8 @@ def open_rekey_untrusted(
     expect_level: str | None = None,
 ) -> RekeyMessage:
     """Verify the signature, decrypt, and validate one datagram. Raises only ``BadRekey``
-    (reasons: bad-format, bad-version, bad-signature, wrong-group, unknown-kek, undecryptable).
+    (reasons: bad-format, bad-version, bad-signature, wrong-group, unknown-kek, old-kek (an epoch
+    older than every KEK in ``keks``: stale, no resync needed), undecryptable).
     A fragment comes back with ``frag`` set: pass it to ``Reassembler.add``."""
     if not isinstance(datagram, (bytes, bytearray, memoryview)) or len(datagram) > MAX_DATAGRAM:
         raise _fmt("datagram is too large or not bytes")
@@ -222,6 +223,8 @@ def open_rekey_untrusted(
         raise BadRekey(f"rekey for {group}/{level} arrived for another group"[:200], "wrong-group")
     kek = keks.get(epoch)
     if kek is None:
+        if keks and epoch < min(keks):  # older than every KEK we hold: nothing to catch up on
+            raise BadRekey(f"KEK epoch {epoch} is older than ours", "old-kek")
         raise BadRekey(f"no KEK for epoch {epoch}", "unknown-kek")
     try:
         plaintext = AESGCM(kek).decrypt(nonce, ct, _aad(header))
