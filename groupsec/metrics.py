@@ -119,6 +119,7 @@ def gauge(name: str, doc: str, value: float | None = None, labels: Iterable[str]
 # ---- the controller --------------------------------------------------------------------------
 
 REFUSAL_CODES = ("not-authorized", "revoked", "unknown-group", "bad-message")
+REKEY_KINDS = ("rekey", "lkh")
 ROLLOVER_REASONS = ("scheduled", "kek-scheduled", "operator", "eviction")
 _NAMED = {  # app.counters key -> (metric, help)
     "acks": ("groupsec_controller_acks", "rekey acknowledgements received from members"),
@@ -161,11 +162,14 @@ class ControllerCollector:
         yield counter("groupsec_controller_connections_refused", "connections refused at max_connections",
                       c.get("refused-too-many-connections", 0))
         sent = counter("groupsec_controller_rekeys_sent", "signed rekey messages sent (multicast and to every "
-                       "session); kind=new or resend (the last rekey of each level, resent at start-up)",
-                       labels=["kind"])
-        sent.add_metric(["new"], c.get("rekeys-sent", 0))
-        sent.add_metric(["resend"], c.get("rekeys-resent", 0))
+                       "session), by kind: rekey (TEKs) or lkh (key-tree update); resends included", labels=["kind"])
+        kinds = {k: 0 for k in REKEY_KINDS}
+        kinds.update({k[len("rekeys-kind-"):]: v for k, v in c.items() if k.startswith("rekeys-kind-")})
+        for kind, v in sorted(kinds.items()):
+            sent.add_metric([kind], v)
         yield sent
+        yield counter("groupsec_controller_rekeys_resent", "rekeys resent unchanged at start-up (the last of each "
+                      "level: a crash mid-rekey resumes)", c.get("rekeys-resent", 0))
         roll = counter("groupsec_controller_rollovers", "TEK rollovers, by reason", labels=["reason"])
         mc = dict(getattr(app.manager, "counters", {}))
         reasons = {r: 0 for r in ROLLOVER_REASONS}

@@ -49,7 +49,8 @@ def test_json_lines_carry_fields_extras_and_exceptions_but_never_bytes():
 
 class FakeApp:
     def __init__(self) -> None:
-        self.counters = {"registrations": 3, "refused-revoked": 2, "rekeys-sent": 5, "tls-closed": 1}
+        self.counters = {"registrations": 3, "refused-revoked": 2, "rekeys-sent": 5, "rekeys-kind-lkh": 2,
+                         "tls-closed": 1}
         self.sessions: dict[str, set[object]] = {"a": {object()}}
 
         self.manager = type("Manager", (), {})()
@@ -84,6 +85,8 @@ async def test_exporter_serves_metrics_and_refuses_other_requests():
         assert refused["not-authorized"] == 0
         assert {s.labels["reason"]: s.value for s in fams["groupsec_controller_rollovers"].samples}["operator"] == 4
         assert fams["groupsec_controller_sessions"].samples[0].value == 1
+        kinds = {s.labels["kind"]: s.value for s in fams["groupsec_controller_rekeys_sent"].samples}
+        assert kinds == {"lkh": 2, "rekey": 0}
         assert "groupsec_controller_members" not in fams  # no level state: left out, scrape still works
         assert (await _http(port, b"HEAD /metrics HTTP/1.1\r\n\r\n")).endswith(b"\r\n\r\n")
         assert (await _http(port, b"POST /metrics HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 405 ")

@@ -176,6 +176,7 @@ class ControllerApp:
             h.wake()
             n += 1
         self.count("rekeys-resent" if resend else "rekeys-sent")
+        self.count(f"rekeys-kind-{plan.kind}")  # metrics: groupsec_controller_rekeys_sent_total{kind}
         for cb in self.rekey_listeners:
             cb(plan)
         return n

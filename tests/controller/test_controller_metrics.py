@@ -77,7 +77,7 @@ async def test_controller_metrics_follow_registrations_refusals_rekeys_and_acks(
             assert value(m1, "groupsec_controller_registrations_refused_total", code="unknown-group") == 0
             assert value(m1, "groupsec_controller_sessions") == 2
             assert value(m1, "groupsec_controller_members_connected", group="video", level="") == 2
-            rekeys0 = value(m1, "groupsec_controller_rekeys_sent_total", kind="new")
+            rekeys0 = value(m1, "groupsec_controller_rekeys_sent_total", kind="rekey")
             acks0 = value(m1, "groupsec_controller_acks_total")
 
             await trio.to_thread.run_sync(lambda: ctl.cli("rekey", "video"))
@@ -88,8 +88,12 @@ async def test_controller_metrics_follow_registrations_refusals_rekeys_and_acks(
         assert value(m2, "groupsec_controller_rollovers_total", reason="operator") == 1
         # mallory's revocation was finished (evicted) at start-up; nothing evicted since
         assert value(m0, "groupsec_controller_rollovers_total", reason="eviction") == 1
+        # ... its rekey was sent, then resent unchanged by the start-up resend of each level's last rekey
+        assert value(m0, "groupsec_controller_rekeys_resent_total") == 1
+        assert value(m0, "groupsec_controller_rekeys_sent_total", kind="rekey") == 2
+        assert value(m0, "groupsec_controller_rekeys_sent_total", kind="lkh") == 0
         assert value(m2, "groupsec_controller_rollovers_total", reason="eviction") == 1
-        assert value(m2, "groupsec_controller_rekeys_sent_total", kind="new") == rekeys0 + 1
+        assert value(m2, "groupsec_controller_rekeys_sent_total", kind="rekey") == rekeys0 + 1
         assert value(m2, "groupsec_controller_msg_id", group="video", level="") == value(
             m1, "groupsec_controller_msg_id", group="video", level="") + 1
         await wait_until(lambda: value(get(), "groupsec_controller_members_lagging", group="video", level="") == 0,
