@@ -12,6 +12,20 @@ match the SA), ``sa-expired``.
 
 ESP-in-UDP is recognised on port 4500, on the ports named in the key file, and on any UDP
 packet whose first four bytes are the SPI of an SA in the key file.
+
+Source authentication (``--sender-keys FILE``): for groups with ``source_auth`` "sign" or
+"sign-batched", ESP-in-UDP packets to the group's address must carry a signature trailer of
+the sender that the SA (per-sender SAs) or the RFC 6054 sender ID names; a packet whose
+signature does not verify (a forgery by a member that holds the group keys, a revoked or
+unknown sender) gets the verdict ``source-auth-failed``, one without the group's trailer
+``malformed``. The file is JSON, public keys only (nothing secret)::
+
+    {"source_auth": [{"dst": "239.1.2.3", "mode": "sign-batched",
+                      "sender_keys": {"7": "<64 hex digits: raw Ed25519 public key>"},
+                      "owners": {"0x1a2b3c4d": 7}}]}
+
+``owners`` (per-sender SAs: SPI -> the owner's sender ID) is optional; without an entry a
+per-sender SA's key ID is its SPI. ``format_sender_keys`` writes such a file.
 """
 
 from __future__ import annotations
@@ -19,15 +33,26 @@ from __future__ import annotations
 import argparse
 import json
 import string
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from groupsec import pcap, uat
-from groupsec.errors import BadPacket, ConfigError, PacketDropped
-from groupsec.ipsec.ip import PROTO_AH, PROTO_ESP, PROTO_IPIP, PROTO_IPV6, PROTO_UDP, parse_ip_untrusted
+from groupsec.errors import BadPacket, ConfigError, GroupSecError, PacketDropped
+from groupsec.ipsec.ip import (
+    PROTO_AH,
+    PROTO_ESP,
+    PROTO_IPIP,
+    PROTO_IPV6,
+    PROTO_UDP,
+    build_udp_packet,
+    canonical,
+    parse_ip_untrusted,
+)
 from groupsec.ipsec.packet import unprotect_untrusted
 from groupsec.ipsec.sa import SecurityAssociation
 from groupsec.ipsec.sad import SAD
+from groupsec.ipsec.sourceauth import SourceAuthenticator, load_public_key_untrusted
 from groupsec.ipsec.udpencap import ESP_IN_UDP_PORT, classify_untrusted
 
 MAX_CAPTURE = 1 << 31
@@ -58,11 +83,72 @@ class Verdict:
         }
 
 
+@dataclass(frozen=True)
+class SenderKeys:
+    """One source-authenticated group of a ``--sender-keys`` file."""
+
+    dst: str
+    mode: str  # "sign" or "sign-batched"
+    sender_keys: dict[int, bytes] = field(repr=False)  # key ID -> raw Ed25519 public key
+    owners: dict[int, int] = field(default_factory=dict)  # per-sender SA: SPI -> owner's sender ID
+
+
+def format_sender_keys(groups: Iterable[SenderKeys]) -> str:
+    return json.dumps({"source_auth": [
+        {"dst": g.dst, "mode": g.mode, "sender_keys": {str(k): v.hex() for k, v in sorted(g.sender_keys.items())},
+         "owners": {f"{spi:#010x}": sid for spi, sid in sorted(g.owners.items())}} for g in groups]}, indent=1) + "\n"
+
+
+def parse_sender_keys_untrusted(text: str, name: str = "sender keys") -> list[SenderKeys]:
+    """The ``--sender-keys`` file. Any mistake: one ConfigError naming the file and the entry."""
+    def fail(where: str, what: str) -> ConfigError:
+        return ConfigError(f"{name}: {where}: {what}")
+
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise fail("file", f"not JSON ({exc})") from None
+    groups = doc.get("source_auth") if isinstance(doc, dict) else None
+    if not isinstance(groups, list):
+        raise fail("file", 'needs {"source_auth": [ ... ]}')
+    out = []
+    for i, g in enumerate(groups):
+        where = f"source_auth[{i}]"
+        if not isinstance(g, dict) or not isinstance(g.get("dst"), str) or not isinstance(g.get("sender_keys"), dict):
+            raise fail(where, 'needs "dst" (an address) and "sender_keys" (a map)')
+        mode = g.get("mode", "sign")
+        if mode not in ("sign", "sign-batched"):
+            raise fail(f"{where}.mode", f"{mode!r} is not one of sign, sign-batched")
+        try:
+            dst = canonical(g["dst"])
+            keys = {int(k, 0): bytes.fromhex(v) for k, v in g["sender_keys"].items()}
+            for k in keys.values():
+                load_public_key_untrusted(k)
+            owners = {int(k, 0): int(v) for k, v in (g.get("owners") or {}).items()}
+        except (ValueError, TypeError, AttributeError, GroupSecError) as exc:
+            raise fail(where, f"bad address, key ID, public key or owner ({exc})") from None
+        out.append(SenderKeys(dst, mode, keys, owners))
+    return out
+
+
+def load_sender_keys(path: str) -> list[SenderKeys]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(1 << 22)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read sender keys: {exc}") from None
+    return parse_sender_keys_untrusted(text, path)
+
+
 class Inspector:
     """Pure: feed captured IP packets in order, get one Verdict per ESP/AH packet."""
 
-    def __init__(self, keys: list[uat.KeyEntry], udp_ports: tuple[int, ...] = ()) -> None:
+    def __init__(self, keys: list[uat.KeyEntry], udp_ports: tuple[int, ...] = (),
+                 sender_keys: Iterable[SenderKeys] = ()) -> None:
         self.keys = keys
+        # per group address: (its SourceAuthenticator, per-sender SA owners)
+        self._sauth: dict[str, tuple[SourceAuthenticator, Mapping[int, int]]] = {
+            g.dst: (SourceAuthenticator(g.sender_keys, g.mode), g.owners) for g in sender_keys}
         self.udp_ports = {ESP_IN_UDP_PORT, *udp_ports, *(k.udp_encap_port for k in keys if k.udp_encap_port)}
         self._known_spis = {k.spi for k in keys if k.spi is not None and k.protocol == "esp"}
         self._sads: dict[tuple[int, int, str, str | None, int | None], SAD] = {}
@@ -107,6 +193,13 @@ class Inspector:
         if entry.sender_id_bits and protocol != "ah" and len(core) >= 16:
             sender_id = int.from_bytes(core[8:16], "big") >> (64 - entry.sender_id_bits)
         try:
+            sauth = self._sauth.get(info.dst) if protocol == "esp-in-udp" else None
+            if sauth is not None:
+                # check the sender's signature on P || T, then hand the SA the packet without T
+                auth, owners = sauth
+                key_id = sender_id if entry.sender_id_bits else owners.get(spi, spi)
+                signed = auth.verify_untrusted(core, -1 if key_id is None else key_id)
+                ip_packet = build_udp_packet(info.src, info.dst, info.sport or 0, info.dport or 0, bytes(signed))
             sad = self._sad(entry, spi, info.src, info.dst, port, timestamp)
             out, _sa = unprotect_untrusted(sad, ip_packet, timestamp)
             payload, inner = _upper_layer(out)
@@ -142,9 +235,9 @@ def _upper_layer(packet: bytes) -> tuple[bytes, str]:
 
 
 def inspect_capture(data: bytes, keys: list[uat.KeyEntry], udp_ports: tuple[int, ...] = (),
-                    name: str = "capture") -> list[Verdict]:
+                    name: str = "capture", sender_keys: Iterable[SenderKeys] = ()) -> list[Verdict]:
     """All verdicts of a capture file's bytes. A malformed file raises ConfigError naming it."""
-    insp = Inspector(keys, udp_ports)
+    insp = Inspector(keys, udp_ports, sender_keys)
     out: list[Verdict] = []
     try:
         for rec in pcap.iter_capture_untrusted(data):
@@ -204,12 +297,16 @@ def register(sub: Any) -> None:
                    help="SAs in Wireshark esp_sa UAT format (groupsec demo --keys writes one)")
     p.add_argument("--udp-port", type=int, action="append", default=[], metavar="PORT",
                    help="also treat UDP to PORT as ESP-in-UDP (4500 always is)")
+    p.add_argument("--sender-keys", metavar="FILE",
+                   help="source_auth groups: senders' public keys (JSON, see docs/PROTOCOL.md); a packet "
+                   "its named sender did not sign gets the verdict source-auth-failed")
     p.add_argument("--json", action="store_true", help='print {"packets": [...]} instead of a table')
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     keys = uat.load_esp_sa(args.keys)
+    sender_keys = load_sender_keys(args.sender_keys) if args.sender_keys else []
     try:
         with open(args.capture, "rb") as f:
             data = f.read(MAX_CAPTURE + 1)
@@ -217,7 +314,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.capture}: cannot read capture: {exc.strerror}") from None
     if len(data) > MAX_CAPTURE:
         raise ConfigError(f"{args.capture}: larger than {MAX_CAPTURE >> 30} GiB; split it with editcap -c")
-    verdicts = inspect_capture(data, keys, tuple(args.udp_port), name=args.capture)
+    verdicts = inspect_capture(data, keys, tuple(args.udp_port), name=args.capture, sender_keys=sender_keys)
     if args.json:
         print(json.dumps({"packets": [v.to_json() for v in verdicts]}))
     else:

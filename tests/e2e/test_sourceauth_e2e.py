@@ -8,13 +8,14 @@ multicast, the ESP-in-UDP userspace path), with the real controller.
   ``sign-batched``; every packet that arrives verifies and is delivered;
 * revocation: after ``groupsec member revoke`` of the sender, the packets it still sends are
   rejected by the receivers as ``source-auth-failed`` (its key is gone, not just its SA);
-* ``groupsec inspect`` with the group keys and the sender public keys reports a forged packet
-  in a capture as ``source-auth-failed``.
+* ``groupsec inspect`` with the group keys and the senders' public keys reports the forged
+  packets of a capture as ``source-auth-failed`` and the real sender's as ``ok``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import socket
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from agent_helpers import Agent, Controller, GroupDef, drain, free_port, udp_socket, wait_for
+from agent_helpers import Agent, Controller, GroupDef, drain, free_port, run_cli, udp_socket, wait_for
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.config import AgentConfig, GroupSpec, load_bundle
@@ -30,7 +31,11 @@ from agent.datapath.base import GroupInstall
 from agent.datapath.engine import GroupEngine
 from agent.datapath.userspace import UserspaceConfig, UserspaceDatapath
 from agent.session import AgentSession
+from groupsec.inspect import SenderKeys, format_sender_keys
+from groupsec.ipsec.ip import build_udp_packet
 from groupsec.ipsec.sa import SecurityAssociation
+from groupsec.pcap import pcap_bytes
+from groupsec.uat import write_esp_sa
 
 REAL = b"REAL-"
 FORGED = b"FORGED-"
@@ -175,6 +180,18 @@ def test_a_receiver_with_the_group_keys_cannot_forge_the_sender(tmp_path, mode):
             assert d.get("source-auth-failed", 0) + d.get("malformed", 0) == 20
             assert d.get("replay", 0) == 0
             assert drain(apps[n], quiet=0.3) == []
+        # `groupsec inspect` with the group keys and the senders' public keys explains a capture
+        cap, keys, senders = tmp_path / "forgery.pcap", tmp_path / "esp_sa", tmp_path / "senders.json"
+        cap.write_bytes(pcap_bytes([(1.0 + i, build_udp_packet("127.0.0.1", g.dst, 40000, g.encap, d))
+                                    for i, d in enumerate(wire[:5] + signed[:3] + unsigned[:2])]))
+        write_esp_sa(str(keys), mine.inbound)
+        senders.write_text(format_sender_keys([SenderKeys(g.dst, mode, mine.sender_keys, mine.owners)]))
+        out = run_cli("inspect", str(cap), "--keys", str(keys), "--sender-keys", str(senders),
+                      "--udp-port", str(g.encap), "--json").stdout
+        verdicts = [p["verdict"] for p in json.loads(out)["packets"]]
+        assert verdicts[:8] == ["ok"] * 5 + ["source-auth-failed"] * 3
+        assert set(verdicts[8:]) <= {"malformed", "source-auth-failed"}  # no trailer of the group's type
+        assert len(verdicts) == 10
         # the forgeries (sequence numbers far ahead) did not silence the real sender
         second = [REAL + b"b%d" % i for i in range(30)]
         send_app(listen, second)
