@@ -618,8 +618,7 @@ class MemberProtocol:
 
     def _sa_times(self, st: LevelState, sa: _SA) -> list[float]:
         out = []
-        if st.role == "sender" and (sa.grant.direction == "out" or self._shared(sa.params)
-                                    or st.owners.get(sa.params.spi, -1) == st.sender_id):
+        if st.role == "sender" and self._sendable(st, sa):
             t = sa.grant.activate_at - self.offset
             if t > self._now:
                 out.append(t)
@@ -638,7 +637,7 @@ class MemberProtocol:
     def _select(self, st: LevelState, now: float) -> tuple[tuple[SAParams, ...], SAParams | None]:
         """Inbound: every SA not yet deactivated (new ones at once). Outbound (senders only):
         the candidate with the latest activation time that has been reached. Candidates are
-        the grants marked "out" and the shared counter-mode SAs (sent with our sender ID)."""
+        the SAs that _sendable() accepts (a shared counter-mode SA is sent with our sender ID)."""
         ctl = now + self.offset
         inbound: dict[int, SAParams] = {}
         best: _SA | None = None
@@ -649,9 +648,7 @@ class MemberProtocol:
             p = sa.params
             if sa.grant.direction == "in" or self._shared(p):
                 inbound.setdefault(p.spi, dataclasses.replace(p, sender_id=None) if p.sender_id is not None else p)
-            mine = sa.grant.direction == "out" or self._shared(p) or (
-                st.sender_id is not None and st.owners.get(p.spi) == st.sender_id)
-            if (st.role == "sender" and mine
+            if (st.role == "sender" and self._sendable(st, sa)
                     and sa.grant.activate_at <= ctl
                     and (best is None or sa.grant.activate_at > best.grant.activate_at)):
                 best = sa
@@ -671,6 +668,14 @@ class MemberProtocol:
     @staticmethod
     def _shared(p: SAParams) -> bool:
         return p.sender_id_bits > 0
+
+    def _sendable(self, st: LevelState, sa: _SA) -> bool:
+        """May this sender seal with ``sa``? Grants marked "out", any SA of a level whose
+        sender policy is "shared" (one group SA for every sender: counter-mode ones carry our
+        sender ID, CBC/HMAC ones need none), and per-sender SAs that the owners map gives us."""
+        p = sa.params
+        return (sa.grant.direction == "out" or self._shared(p) or st.policy.sender_policy == "shared"
+                or (st.sender_id is not None and st.owners.get(p.spi) == st.sender_id))
 
     @staticmethod
     def _sender_of(p: SAParams) -> str:
