@@ -58,6 +58,7 @@ from agent.datapath.sockets import Interface, join_group
 from groupsec.errors import PolicyError
 from groupsec.ipsec.params import SAParams
 from groupsec.ipsec.policy import GroupPolicy
+from groupsec.ipsec.sourceauth import source_auth_refusal
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +189,9 @@ class XfrmDatapath:
         if self._closed:
             raise PolicyError("the XFRM data path is closed")
         policy = install.policy
+        refusal = source_auth_refusal(policy.source_auth, "xfrm")
+        if refusal:  # fail closed: never install a group whose packets the kernel cannot verify
+            raise PolicyError(f"group {policy.group!r}: {refusal}")
         wanted = self._wanted(install)
         g = self._groups.get(policy.key)
         if g is None:

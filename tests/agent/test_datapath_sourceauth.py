@@ -12,10 +12,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.datapath.base import GroupInstall
 from agent.datapath.engine import GroupEngine, NoSigningKey
+from agent.datapath.xfrm import XfrmDatapath
 from groupsec.controller.config import parse_config
 from groupsec.controller.groups import GroupManager
 from groupsec.controller.store import MemoryStore
-from groupsec.errors import PacketDropped
+from groupsec.errors import PacketDropped, PolicyError
 from groupsec.ipsec.sa import SecurityAssociation
 from groupsec.protocol.member import InstallChanged, MemberProtocol
 from groupsec.protocol.messages import GroupRequest, Registered
@@ -141,3 +142,13 @@ def test_sender_without_signing_key_refuses_to_send_unsigned() -> None:
     s = GroupEngine(dataclasses.replace(tx, signing_key=None), "encap", "10.0.0.1", 0.0)
     with pytest.raises(NoSigningKey):
         s.seal_payload(b"x", 1, PORT, 1.0)
+
+
+@pytest.mark.parametrize("mode", ["sign", "sign-batched"])
+def test_xfrm_data_path_refuses_source_auth_groups(mode: str) -> None:
+    """The kernel has no signature transform: an agent on XFRM refuses the group (before any
+    netlink call) instead of accepting packets any member could have forged."""
+    _, _, _, rx = members(mode)
+    dp = XfrmDatapath(netlink=object())  # type: ignore[arg-type]
+    with pytest.raises(PolicyError, match="no signature transform"):
+        dp.apply(rx)
