@@ -526,7 +526,7 @@ def test_unsolicited_grant_after_eviction_moves_to_the_new_kek():
 
 def test_per_sender_outbound_follows_the_owner_list():
     ctl = FakeController()
-    lv = ctl.add_group("video")
+    lv = ctl.add_group("video", sender_policy="per-sender")
     other, mine = ctl.sa("video"), ctl.sa("video")
     import dataclasses
 
