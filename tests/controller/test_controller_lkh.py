@@ -373,3 +373,22 @@ def test_kill_9_during_an_eviction_restarts_with_the_same_tree_and_kek(tmp_path)
         assert app2.manager.trees.get(app2.config.levels[KEY]).kek == tree.kek
     finally:
         store.close()
+
+
+def test_removal_from_a_level_is_one_tree_rekey_and_the_member_keeps_nothing_new():
+    app, wire, plans = make_app()
+    links = join_all(app, wire, "abcde")
+    rec = app.manager.member("b")
+    rec["groups"] = []  # `groupsec member set b` took the level away
+    app.store.commit({"member/b": rec})
+    wire.clear()
+    plans.clear()
+    assert app.reload_member("b", [["video", ""]]) == 1
+    assert [p.kind for p in plans] == ["lkh", "rekey"]
+    assert "b" not in app.manager.trees.get(app.config.levels[KEY])
+    st = app.manager.state(*KEY)
+    for n in "acde":
+        links[n].deliver(wire)
+        assert links[n].level.keks[st["kek_epoch"]] == st["keks"][st["kek_epoch"]]
+    links["b"].deliver(wire)
+    assert st["kek_epoch"] not in links["b"].level.keks
