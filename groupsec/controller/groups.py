@@ -166,6 +166,7 @@ class GroupManager:
         st = self.levels.get(key)
         if st is None:
             st = self.store.get(_lkey(group, level))
+            self.trees.forget_key(key)  # the tree changes only with its level state: reload both
             if st is not None:
                 st["keks"] = {int(k): v for k, v in st["keks"].items()}
                 self.levels[key] = st
@@ -233,10 +234,11 @@ class GroupManager:
     def ensure_tree_member(self, name: str, lc: LevelConfig, now: float) -> RekeyPlan | None:
         """Give the member its leaf in the level's key tree (once, durably). Returns the tree
         rekey the other members need (a leaf split, or backward access control), if any."""
+        st = self.state(lc.group, lc.level)  # first: a reload from the store also reloads the tree
         tree = self.trees.get(lc)
         if tree is None or name in tree:
             return None
-        st = _copy(self.state(lc.group, lc.level))
+        st = _copy(st)
         old_epoch = st["kek_epoch"]
         try:
             res = tree.join(name)

@@ -96,4 +96,9 @@ class KeyTrees:
     def forget(self, lc: LevelConfig) -> None:
         """Drop the cached tree (a commit failed after the tree changed in memory): the next
         ``get`` reloads the durable one."""
-        self._trees.pop(lc.key, None)
+        self.forget_key(lc.key)
+
+    def forget_key(self, key: tuple[str, str]) -> None:
+        """Also called when the level state is (re)loaded from the store (an HA follower drops
+        a level another controller changed): every tree change commits the level state too."""
+        self._trees.pop(key, None)
