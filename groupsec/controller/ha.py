@@ -69,6 +69,7 @@ class HAControl:
         self._synced_at = time.time()
         self._reg_client = client.clone()
         self._base_admin: Any = None
+        self._took_over = False  # elected AND the state reloaded: only then does the app act as leader
         self.counters: dict[str, int] = {"grants-pushed": 0, "requests-done": 0, "forwarded": 0}
 
     @classmethod
@@ -82,7 +83,7 @@ class HAControl:
 
     def attach(self, app: ControllerApp, server: Any) -> None:
         self.app, self.server = app, server
-        app.is_leader = self.election.is_leader
+        app.is_leader = self.acting
         self.election.on_elected = self._elected
         self.election.on_deposed = self._deposed
         self._base_admin = server.admin
@@ -95,13 +96,25 @@ class HAControl:
         self.app.manager = GroupManager(self.app.config, self.store)  # drop every cached state
         self._seen = {}
 
+    def acting(self) -> bool:
+        """The app's leader gate (rekey scheduler, sender IDs, queued requests): the lease is
+        ours AND the takeover finished. The election wins its txn in a worker thread, so other
+        trio tasks could otherwise see ``is_leader()`` before ``_elected`` reloaded the state."""
+        return self._took_over and self.election.is_leader()
+
     def _elected(self) -> None:
         assert self.app is not None
+        self._took_over = False
         self._fresh_manager()
-        self.app.start()  # state from etcd: load_or_create, pending evictions, resend last rekeys
+        try:
+            self.app.start()  # state from etcd: load_or_create, pending evictions, resend last rekeys
+        except EtcdError as exc:  # a half-done takeover is retried by the next leader (maybe us)
+            raise NotLeader(f"takeover failed: {exc}") from None
+        self._took_over = True
         self.app.count("elected")
 
     def _deposed(self) -> None:
+        self._took_over = False
         self._fresh_manager()
         assert self.app is not None
         self.app.count("deposed")
@@ -117,7 +130,7 @@ class HAControl:
             task_status.started()
             while True:
                 try:
-                    if self.election.is_leader():
+                    if self.acting():
                         self._run_requests()
                     else:
                         self._follow()
@@ -164,12 +177,25 @@ class HAControl:
     def _run_requests(self) -> None:
         for k, req in self.store.scan("request/q/"):
             rid = k.rsplit("/", 1)[1]
+            req = self._still_to_do(req if isinstance(req, dict) else {})
             try:
-                reply = self._base_admin(req if isinstance(req, dict) else {})
+                reply = self._base_admin(req) if req else {"ok": True, "levels": 0, "already": True}
             except NotLeader:
                 return
             self.store.commit({f"request/r/{rid}": reply}, deletes=[k])
             self.counters["requests-done"] += 1
+
+    def _still_to_do(self, req: dict[str, Any]) -> dict[str, Any] | None:
+        """A forwarded revoke whose members were already evicted (a new leader finishes pending
+        evictions when it takes over, before it reads the queue) must not evict them again:
+        that would mint a second, pointless KEK."""
+        if req.get("op") != "revoke":
+            return req
+        names = [req["name"]] if isinstance(req.get("name"), str) else list(req.get("names") or [])
+        left = [n for n in names if not (isinstance(n, str) and (self.store.get(f"member/{n}") or {}).get("evicted"))]
+        if not left:
+            return None
+        return {"op": "revoke", "names": left} if len(left) > 1 else {"op": "revoke", "name": left[0]}
 
     async def _registry_loop(self) -> None:
         ttl = max(2, self.election.ttl)
@@ -196,7 +222,7 @@ class HAControl:
 
     def admin(self, req: dict[str, Any]) -> dict[str, Any]:
         op = req.get("op")
-        if op in MUTATING and not self.election.is_leader():
+        if op in MUTATING and not self.acting():
             rid = uuid.uuid4().hex
             self.store.commit({f"request/q/{rid}": dict(req)})
             self.counters["forwarded"] += 1
