@@ -405,7 +405,8 @@ class MemberProtocol:
         self.counters["registrations"] += 1
         granted = set()
         for g in grants:
-            self._apply_grant(g, now)
+            if not self._stale_grant(g, "register"):
+                self._apply_grant(g, now)
             granted.add(g.policy.key)
         for key in [k for k in self.levels if k not in granted]:
             del self.levels[key]  # no longer authorized: forget the level now
@@ -449,12 +450,28 @@ class MemberProtocol:
         grant = Grant.from_wire_untrusted(msg.grant)
         if grant.policy.key not in self.levels:
             raise RemoteProtocolError(f"resync reply for {grant.policy.key} which we do not hold", "bad-message")
+        if self._stale_grant(grant, "resync"):
+            self.levels[grant.policy.key].resync_sent_at = None  # what we hold is newer: nothing missing
+            return
         st = self._apply_grant(grant, now)
         st.resync_sent_at = None
         st.ack_due = now + self._jitter(self._ack_jitter)
         self._events.append(RekeyApplied(st.key, st.msg_id, st.kek_epoch, "grant", "resync"))
 
     # ---- grants and rekeys -----------------------------------------------------------------
+
+    def _stale_grant(self, g: Grant, source: str) -> bool:
+        """A grant older than the state we hold (lower KEK epoch, or the same epoch and a lower
+        msg_id) is ignored: a resync reply that crossed a newer multicast rekey, or a grant
+        from an HA follower whose copy of the state lags the leader's. Applying it would
+        roll the member back (an old KEK, the newest TEK retired after DTD) and make it
+        accept the newer msg_id a second time."""
+        old = self.levels.get(g.policy.key)
+        if old is None or (g.kek_epoch, g.msg_id) >= (old.kek_epoch, old.msg_id):
+            return False
+        self._reject(BadRekey(f"grant at msg_id {g.msg_id} (KEK epoch {g.kek_epoch}) is older than "
+                              f"{old.msg_id} (epoch {old.kek_epoch})", "stale-grant"), source)
+        return True
 
     def _apply_grant(self, g: Grant, now: float) -> LevelState:
         """Replace a level's state with a fresh grant, keeping SAs the grant no longer lists
