@@ -7,7 +7,9 @@ the guest. KVM is not used: on these machines qemu aborts with "failed to set MS
 so it is TCG (slow, but a full run stays within a few minutes).
 
 Usage (host, as root): ``python tests/kernel/run_in_vm.py [pytest args...]``; the exit
-code is the guest pytest's. ``tests/kernel/test_vm.py`` calls :func:`run` from the normal
+code is the guest pytest's. ``python tests/kernel/run_in_vm.py --shell 'COMMAND'`` runs any
+command in the guest instead (for example ``groupsec bench datapath --datapath xfrm``), with
+the crypto modules loaded, from the repository root, with GROUPSEC_IN_VM=1. ``tests/kernel/test_vm.py`` calls :func:`run` from the normal
 test run. Environment:
 
 * ``GROUPSEC_VM_KERNEL``: the kernel image (default: the newest ``/boot/vmlinuz-*``);
@@ -104,14 +106,16 @@ def find_tools() -> tuple[Tools | None, list[str]]:
     return Tools(vng, kernel, qemu), []
 
 
-def guest_script(outdir: str, pytest_args: list[str]) -> str:
-    args = " ".join(_quote(a) for a in pytest_args)
+def guest_script(outdir: str, pytest_args: list[str], command: str | None = None) -> str:
+    if command is None:
+        args = " ".join(_quote(a) for a in pytest_args)
+        command = (f"{_quote(sys.executable)} -m pytest -p no:cacheprovider -m kernel "
+                   f"--junitxml={outdir}/junit.xml -q -ra {args}")
     return (
         f"modprobe -a {GUEST_MODULES} 2>/dev/null; "
-        f"cd {_quote(str(ROOT))} && "
-        f"GROUPSEC_IN_VM=1 PYTHONDONTWRITEBYTECODE=1 {_quote(sys.executable)} -m pytest -p no:cacheprovider "
-        f"-m kernel --junitxml={outdir}/junit.xml -q -ra {args}; "
-        f"rc=$?; echo $rc > {outdir}/rc; exit $rc"
+        f"cd {_quote(str(ROOT))} && export GROUPSEC_IN_VM=1 PYTHONDONTWRITEBYTECODE=1 "
+        f"PATH={_quote(str(Path(sys.executable).parent))}:$PATH && "
+        f"( {command} ); rc=$?; echo $rc > {outdir}/rc; exit $rc"
     )
 
 
@@ -119,8 +123,10 @@ def _quote(s: str) -> str:
     return "'" + s.replace("'", "'\\''") + "'"
 
 
-def run(pytest_args: list[str] | None = None, timeout: float | None = None, stream: bool = False) -> Result:
-    """Boot the VM, run ``pytest -m kernel`` (default: ``tests/kernel``) inside, return the result."""
+def run(pytest_args: list[str] | None = None, timeout: float | None = None, stream: bool = False,
+        command: str | None = None) -> Result:
+    """Boot the VM, run ``pytest -m kernel`` (default: ``tests/kernel``) or ``command`` inside,
+    and return the result."""
     tools, missing = find_tools()
     if tools is None:
         raise RuntimeError("cannot boot the kernel VM: missing " + ", ".join(missing))
@@ -132,20 +138,20 @@ def run(pytest_args: list[str] | None = None, timeout: float | None = None, stre
                "--rwdir", outdir, "--cwd", str(ROOT)]
         if os.environ.get("GROUPSEC_VM_KVM") != "1":
             cmd.append("--disable-kvm")
-        cmd += ["--", guest_script(outdir, args)]
+        cmd += ["--", guest_script(outdir, args, command)]
         env = dict(os.environ, PATH=f"{Path(tools.vng).parent}:{os.environ.get('PATH', '')}")
         env.pop("GROUPSEC_IN_VM", None)
         start = time.monotonic()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True)
         lines: list[str] = []
-        try:
-            out, _ = _communicate(proc, timeout, lines, stream)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-            lines.append(f"\n[run_in_vm] the VM did not finish within {timeout:.0f} s and was killed\n")
-            out = "".join(lines)
+        with subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env=env, start_new_session=True) as proc:
+            try:
+                out, _ = _communicate(proc, timeout, lines, stream)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+                lines.append(f"\n[run_in_vm] the VM did not finish within {timeout:.0f} s and was killed\n")
+                out = "".join(lines)
         seconds = time.monotonic() - start
         rc_file = Path(outdir, "rc")
         rc = int(rc_file.read_text().strip()) if rc_file.exists() else None
@@ -196,6 +202,9 @@ def main(argv: list[str]) -> int:
     if tools is None:
         print("run_in_vm: missing " + ", ".join(missing), file=sys.stderr)
         return 2
+    if argv[:1] == ["--shell"] and len(argv) == 2:
+        res = run(command=argv[1], stream=True)
+        return res.returncode if res.returncode is not None else 3
     res = run(argv or None, stream=True)
     print(res.summary())
     return res.returncode if res.returncode is not None else 3
