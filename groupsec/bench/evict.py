@@ -43,9 +43,11 @@ def _sizes(raw: list[str] | None) -> list[int]:
     return [int(x) for item in raw for x in item.split(",") if x]
 
 
-def _frame(signer: Ed25519PrivateKey, kek_epoch: int, kek: bytes, payload: bytes, mtu: int) -> list[bytes]:
-    return build_rekey_datagrams(signer, kek_epoch, kek, GROUP, LEVEL, MSG_ID, "lkh", {"lkh": payload}, 1.7e9,
-                                 mtu=mtu)
+def _frame(signer: Ed25519PrivateKey, kek_epoch: int, kek: bytes, payload: bytes, mtu: int,
+           new_epoch: int | None = None) -> list[bytes]:
+    # the controller's payload: the tree message and the KEK epoch of the new root (keytree.lkh_inner)
+    inner = {"lkh": payload, "lkh_kek_epoch": kek_epoch + 1 if new_epoch is None else new_epoch}
+    return build_rekey_datagrams(signer, kek_epoch, kek, GROUP, LEVEL, MSG_ID, "lkh", inner, 1.7e9, mtu=mtu)
 
 
 def _baseline_bytes(tree: LKHTree, signer: Ed25519PrivateKey, mtu: int) -> int:
@@ -75,7 +77,7 @@ def measure(n: int, degree: int, evictions: int, mtu: int, signer: Ed25519Privat
         kek_epoch, kek = tree.kek_version, tree.kek
         t0 = time.perf_counter()
         msg = tree.evict([victim])
-        datagrams = _frame(signer, kek_epoch, kek, msg.encode(), mtu)
+        datagrams = _frame(signer, kek_epoch, kek, msg.encode(), mtu, tree.kek_version)
         times.append((time.perf_counter() - t0) * 1e3)
         sizes.append(sum(len(d) for d in datagrams))
         wraps.append(len(msg.wraps))
