@@ -318,6 +318,9 @@ class UserspaceDatapath:
         try:
             with g.scope:
                 async with trio.open_nursery() as n:
+                    # the sockets live until the group is removed (close() cancels the scope), also when
+                    # no task waits on them (a receive-only relay on the shared raw wire)
+                    n.start_soon(trio.sleep_forever)
                     if g.wire is not None:
                         n.start_soon(g.wire.receive_loop)
                     if g.relay is not None:
