@@ -1,5 +1,5 @@
-"""Network namespaces for end-to-end tests (root only): a LAN of member namespaces on one
-Linux bridge, processes inside them, a capture on the bridge, and tiny test applications.
+"""Network namespaces for end-to-end tests (root only): groupsec.netns's LAN of member
+namespaces on one Linux bridge, plus a capture on the bridge and tiny test applications.
 
     with Lan() as lan:                          # a hub namespace holding bridge br0
         a = lan.add("a")                        # namespace with eth0 = 10.x.y.1/24 on the bridge
@@ -28,8 +28,10 @@ from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+from groupsec.netns import Lan as _Lan
+from groupsec.netns import Netns, sh
+
+__all__ = ["Capture", "Lan", "Netns", "sh", "skip_unless_netns"]
 
 
 def skip_unless_netns() -> None:
@@ -38,52 +40,6 @@ def skip_unless_netns() -> None:
         pytest.skip("needs root for network namespaces")
     if shutil.which("ip") is None:
         pytest.skip("needs iproute2 (ip)")
-
-
-def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    p = subprocess.run(list(args), capture_output=True, text=True, check=False)
-    if check and p.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)}: {p.stderr.strip()}")
-    return p
-
-
-class Netns:
-    def __init__(self, name: str, address: str | None = None) -> None:
-        self.name = name
-        self.address = address  # eth0's address, when on a Lan
-        self.procs: list[subprocess.Popen[str]] = []
-        sh("ip", "netns", "add", name)
-        self.ip("link", "set", "lo", "up")
-
-    def ip(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return sh("ip", "-n", self.name, *args, check=check)
-
-    def run(self, *cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        p = subprocess.run(["ip", "netns", "exec", self.name, *cmd], capture_output=True, text=True,
-                           env=ENV, timeout=timeout, check=False)
-        if check and p.returncode != 0:
-            raise RuntimeError(f"[{self.name}] {' '.join(cmd)}: {p.stderr.strip()[-2000:]}")
-        return p
-
-    def popen(self, *cmd: str, stdin: bool = True) -> subprocess.Popen[str]:
-        p = subprocess.Popen(["ip", "netns", "exec", self.name, *cmd], env=ENV, text=True,
-                             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.procs.append(p)
-        return p
-
-    def python(self, *args: str) -> subprocess.Popen[str]:
-        return self.popen(sys.executable, *args)
-
-    def close(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-            for f in (p.stdin, p.stdout, p.stderr):
-                if f is not None:
-                    f.close()
-        sh("ip", "netns", "del", self.name, check=False)
 
 
 class Capture:
@@ -112,29 +68,12 @@ class Capture:
         return data
 
 
-class Lan:
-    """A hub namespace with a bridge, and member namespaces attached to it by veth pairs."""
+class Lan(_Lan):
+    """groupsec.netns.Lan plus captures on the bridge (tcpdump in the hub namespace)."""
 
     def __init__(self, prefix: str | None = None) -> None:
-        self.tag = os.urandom(3).hex()
-        b = os.urandom(2)
-        self.prefix = prefix or f"10.{200 + b[0] % 50}.{b[1]}"
-        self.members: list[Netns] = []
+        super().__init__(prefix)
         self.captures: list[Capture] = []
-        self.hub = Netns(f"gs{self.tag}-hub")
-        self.hub.ip("link", "add", "br0", "type", "bridge", "mcast_snooping", "0")
-        self.hub.ip("link", "set", "br0", "up")
-
-    def add(self, role: str) -> Netns:
-        i = len(self.members) + 1
-        ns = Netns(f"gs{self.tag}-{role}", f"{self.prefix}.{i}")
-        self.members.append(ns)
-        self.hub.ip("link", "add", f"h{i}", "type", "veth", "peer", "name", f"m{i}", "netns", ns.name)
-        self.hub.ip("link", "set", f"h{i}", "master", "br0", "up")
-        ns.ip("link", "set", f"m{i}", "name", "eth0")
-        ns.ip("addr", "add", f"{ns.address}/24", "dev", "eth0")
-        ns.ip("link", "set", "eth0", "up")
-        return ns
 
     def capture(self) -> Capture:
         c = Capture(self.hub, "br0")
@@ -147,14 +86,10 @@ class Lan:
                 c.proc.kill()
                 c.proc.wait()
             c.path.unlink(missing_ok=True)
-        for ns in [*self.members, self.hub]:
-            ns.close()
+        super().close()
 
     def __enter__(self) -> Lan:
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 # --- tiny applications (run inside a namespace with ns.python("-c", APP, ...)) --------------------
