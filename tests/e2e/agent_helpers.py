@@ -241,6 +241,23 @@ def udp_socket(bind: tuple[str, int] = ("127.0.0.1", 0), rcvbuf: int = 4 << 20) 
     return s
 
 
+def sniffer(group: str, port: int) -> socket.socket:
+    """A socket that sees every datagram to (group, port) on loopback (next to the agents' own)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((group, port))
+    s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, socket.inet_aton(group) + socket.inet_aton("127.0.0.1"))
+    return s
+
+
+def send_paced(port: int, payloads: list[bytes], gap: float = 0.002) -> None:
+    """Send payloads to a local relay port, ``gap`` seconds apart."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for p in payloads:
+            s.sendto(p, ("127.0.0.1", port))
+            time.sleep(gap)
+
+
 def drain(sock: socket.socket, quiet: float = 0.5, limit: float = 10.0) -> list[bytes]:
     """Receive until nothing arrives for ``quiet`` seconds."""
     out = []

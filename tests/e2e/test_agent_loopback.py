@@ -4,11 +4,20 @@ over loopback multicast with the UDP-encapsulated data path and the local relay.
 from __future__ import annotations
 
 import json
-import socket
-import time
 
 import pytest
-from agent_helpers import Agent, Controller, GroupDef, drain, free_port, run_cli, udp_socket, wait_for
+from agent_helpers import (
+    Agent,
+    Controller,
+    GroupDef,
+    drain,
+    free_port,
+    run_cli,
+    sniffer,
+    udp_socket,
+    wait_for,
+)
+from agent_helpers import send_paced as send
 
 MARK = b"PLAINTEXT-MARKER-"
 
@@ -41,21 +50,6 @@ def world(tmp_path):
         ctl.stop()
         for s in apps.values():
             s.close()
-
-
-def sniffer(group: str, port: int) -> socket.socket:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((group, port))
-    s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, socket.inet_aton(group) + socket.inet_aton("127.0.0.1"))
-    return s
-
-
-def send(port: int, payloads: list[bytes], gap: float = 0.002) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        for p in payloads:
-            s.sendto(p, ("127.0.0.1", port))
-            time.sleep(gap)
 
 
 @pytest.mark.slow

@@ -23,7 +23,18 @@ from pathlib import Path
 
 import pytest
 import trio
-from agent_helpers import Agent, Controller, GroupDef, drain, free_port, run_cli, udp_socket, wait_for
+from agent_helpers import (
+    Agent,
+    Controller,
+    GroupDef,
+    drain,
+    free_port,
+    run_cli,
+    send_paced,
+    sniffer,
+    udp_socket,
+    wait_for,
+)
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.config import AgentConfig, GroupSpec, load_bundle
@@ -82,27 +93,12 @@ def member_install(tmp: Path, bundle: Path, port: int, group: str) -> GroupInsta
     return dp.install
 
 
-def sniffer(group: str, port: int) -> socket.socket:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((group, port))
-    s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, socket.inet_aton(group) + socket.inet_aton("127.0.0.1"))
-    return s
-
-
 def multicast_tx() -> socket.socket:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
     s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
     s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
     return s
-
-
-def send_app(port: int, payloads: list[bytes], gap: float = 0.002) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        for p in payloads:
-            s.sendto(p, ("127.0.0.1", port))
-            time.sleep(gap)
 
 
 def forge(install: GroupInstall, victim_sender_id: int, key: bytes | None, n: int, group_port: int) -> list[bytes]:
@@ -156,7 +152,7 @@ def test_a_receiver_with_the_group_keys_cannot_forge_the_sender(tmp_path, mode):
             a.wait_registered("video")
         # the real sender first; the forger learns its sender ID from the wire (top 8 IV bits)
         first = [REAL + b"a%d" % i for i in range(20)]
-        send_app(listen, first)
+        send_paced(listen, first)
         for n in deliver:
             assert sorted(drain(apps[n])) == sorted(first), n
         wire = drain(spy, quiet=0.3)
@@ -194,7 +190,7 @@ def test_a_receiver_with_the_group_keys_cannot_forge_the_sender(tmp_path, mode):
         assert len(verdicts) == 10
         # the forgeries (sequence numbers far ahead) did not silence the real sender
         second = [REAL + b"b%d" % i for i in range(30)]
-        send_app(listen, second)
+        send_paced(listen, second)
         for n in deliver:
             assert sorted(drain(apps[n])) == sorted(second), n
             st = agents[n].datapath_group("video")
@@ -330,7 +326,7 @@ def test_a_revoked_senders_new_packets_are_rejected(tmp_path):
         for a in agents.values():
             a.wait_registered("video")
         before = [REAL + b"%d" % i for i in range(20)]
-        send_app(listen, before)
+        send_paced(listen, before)
         assert sorted(drain(app)) == sorted(before)
         old_spis = {sa["spi"] for sa in agents["bob"].group("video")["sas"]}
         ctl.cli("member", "revoke", "alice")
@@ -339,7 +335,7 @@ def test_a_revoked_senders_new_packets_are_rejected(tmp_path):
         assert old_spis <= {sa["spi"] for sa in agents["bob"].group("video")["sas"]}  # old SA still there
         # alice's agent was cut off but still holds its old SA and signing key: it keeps sending
         after = [b"AFTER-%d" % i for i in range(25)]
-        send_app(listen, after)
+        send_paced(listen, after)
         d = wait_for(lambda: drops(agents["bob"]).get("source-auth-failed", 0) >= 25 and drops(agents["bob"]),
                      10, "bob to reject the revoked sender's packets")
         assert d["source-auth-failed"] == 25
