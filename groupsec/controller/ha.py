@@ -151,7 +151,10 @@ class HAControl:
         assert app is not None
         vers = {**self.store.versions("level/"), **self.store.versions("member/")}
         first = not self._seen
-        changed = [k for k, v in vers.items() if self._seen.get(k) != v]
+        # members first: a revocation is committed before the eviction's new KEK, so closing
+        # revoked members' sessions before pushing the changed levels' grants means a revoked
+        # member never gets the KEK minted to exclude it (the chaos test caught exactly that)
+        changed = sorted((k for k, v in vers.items() if self._seen.get(k) != v), key=lambda k: not k.startswith("member/"))
         self._seen = vers
         if first:
             app.manager.levels.clear()
