@@ -21,6 +21,7 @@ What it does (everything protocol-related is decided by the pure ``MemberProtoco
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import secrets
@@ -46,6 +47,7 @@ from groupsec.protocol.member import (
     RekeyApplied,
     RekeyRejected,
     ResyncRequested,
+    kek_id,
 )
 from groupsec.protocol.messages import Bye, GroupRequest, Message, RekeyPush, decode_message_untrusted
 
@@ -55,6 +57,7 @@ FATAL_CODES = ("revoked", "not-authorized", "unknown-group", "unsupported-versio
 SEND_QUEUE = 1024
 CONN_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError)
 RECV_CHUNK = 65536
+APPLIED_HISTORY = 64  # the last rekeys/grants applied, in status.json (what each msg_id meant)
 
 
 def client_context(bundle: Bundle) -> ssl.SSLContext:
@@ -69,6 +72,11 @@ def client_context(bundle: Bundle) -> ssl.SSLContext:
     except (ssl.SSLError, ValueError) as exc:
         raise ConfigError(f"{bundle.path}: the credential bundle's key, certificate or CA is unusable: {exc}") from None
     return ctx
+
+
+def _sa_id(enc_key: bytes, auth_key: bytes) -> str:
+    """A public name for an SA's keys (like member.kek_id): never reversible into them."""
+    return hashlib.sha256(b"groupsec-sa-id\0" + enc_key + b"\0" + auth_key).hexdigest()[:16]
 
 
 def _rand() -> float:
@@ -101,6 +109,7 @@ class AgentSession:
                                          "rekey_datagrams": 0, "test_dropped": 0, "push_ignored": 0,
                                          "apply_errors": 0}
         self.rejected_log: list[tuple[str, str]] = []  # (reason, source), the most recent 50
+        self.applied: list[dict[str, Any]] = []  # the most recent APPLIED_HISTORY, see _record_applied
         self.last_error = ""
         self.connected = False
 
@@ -142,7 +151,23 @@ class AgentSession:
         return {"member": m["member"], "state": m["state"], "connected": self.connected,
                 "controller": f"{self.controller[0]}:{self.controller[1]}" if self.controller else None,
                 "last_error": self.last_error, "groups": groups,
-                "counters": {**self.counters, **m["counters"]}, "rejected": m["rejected"]}
+                "counters": {**self.counters, **m["counters"]}, "rejected": m["rejected"],
+                "applied": list(self.applied)}
+
+    def _record_applied(self, key: tuple[str, str], msg_id: int, kind: str, source: str) -> None:
+        """What this msg_id left us holding, by public fingerprints only: the KEK (epoch, id),
+        the newest SA generation and every SA (SPI -> key id). Two members (or one member
+        at two times) that applied the same msg_id must agree on the KEK and newest TEK: a
+        disagreement means two different messages carried one msg_id (split-brain)."""
+        st = self.member.levels.get(key)
+        if st is None:
+            return
+        sas = {f"{spi:#010x}": _sa_id(sa.params.enc_key, sa.params.auth_key) for (spi, _d), sa in st.sas.items()}
+        newest = max((sa.grant.activate_at or 0.0 for sa in st.sas.values()), default=0.0)
+        tek = sorted({f"{spi:#010x}" for (spi, _d), sa in st.sas.items() if (sa.grant.activate_at or 0.0) == newest})
+        self.applied = [*self.applied[-(APPLIED_HISTORY - 1):], {
+            "group": key[0], "level": key[1], "msg_id": msg_id, "kind": kind, "source": source,
+            "kek_epoch": st.kek_epoch, "kek_id": kek_id(st.keks.get(st.kek_epoch, b"")), "newest": tek, "sas": sas}]
 
     def _deactivations(self, key: tuple[str, str]) -> dict[int, float]:
         st = self.member.levels.get(key)
@@ -196,11 +221,16 @@ class AgentSession:
             log.warning("group %s/%s is no longer granted: removed", *ev.key)
         elif isinstance(ev, RegisteredEvent):
             log.info("registered as %s: %s", ev.member, ", ".join(f"{g}/{lv}" if lv else g for g, lv in ev.groups))
+            for key in ev.groups:
+                st = self.member.levels.get(key)
+                if st is not None:
+                    self._record_applied(key, st.msg_id, "grant", "register")
             self._registered.set()
         elif isinstance(ev, RekeyRejected):
             log.warning("rekey rejected (%s, via %s): %s", ev.reason, ev.source, ev.detail)
             self.rejected_log = [*self.rejected_log[-49:], (ev.reason, ev.source)]
         elif isinstance(ev, RekeyApplied):
+            self._record_applied(ev.key, ev.msg_id, ev.kind, ev.source)
             log.info("rekey %s/%s msg_id %d (KEK epoch %d) applied from %s", ev.key[0], ev.key[1] or "-",
                      ev.msg_id, ev.kek_epoch, ev.source)
         elif isinstance(ev, ResyncRequested):
