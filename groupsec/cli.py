@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "groupsec.bench",
     "groupsec.inspect",
     "groupsec.demo",
+    "groupsec.lab",
 ]
 
 

@@ -111,27 +111,34 @@ class Demo:
         self.events: list[str] = []
         self.tap: socket.socket | None = None
         self.inspector: Inspector | None = None
+        # what differs in `groupsec lab` (raw ESP in namespaces)
+        self.prog = "demo"
+        self.listen = "127.0.0.1:0"
+        self.rekey_interface = "lo"
+        self.encap_port = ENCAP_PORT  # 0: raw ESP
+        self.sender_policy = "shared"
+        self.init_args: list[str] = []
 
     # --- set-up ------------------------------------------------------------------------------
 
     def _run(self, *args: str) -> str:
         res = subprocess.run(_cli(*args), capture_output=True, text=True, timeout=60)
         if res.returncode != 0:
-            raise ConfigError(f"demo set-up: `groupsec {' '.join(args[:2])}` failed: {res.stderr.strip()}")
+            raise ConfigError(f"{self.prog} set-up: `groupsec {' '.join(args[:2])}` failed: {res.stderr.strip()}")
         return res.stdout
 
     def setup(self) -> None:
         a = self.args
-        self._run("init", str(self.home))
+        self._run("init", str(self.home), *self.init_args)
         atd, dtd = min(1.0, a.rekey_interval / 5), min(2.0, a.rekey_interval / 4)
-        counter = a.suite.startswith(("aes-gcm", "aes-gmac", "chacha"))
+        counter = a.suite.startswith(("aes-gcm", "aes-gmac", "chacha")) and self.sender_policy == "shared"
         (self.home / "groupsec.toml").write_text(f"""\
-# written by groupsec demo
+# written by groupsec {self.prog}
 [controller]
-listen = "127.0.0.1:0"
+listen = "{self.listen}"
 heartbeat_interval = 1.0
 advertise = false
-rekey_interface = "lo"
+rekey_interface = "{self.rekey_interface}"
 
 [groups.{GROUP}]
 dst = "{self.group_addr}"
@@ -145,10 +152,10 @@ kek_lifetime = 86400
 atd = {atd}
 dtd = {dtd}
 replay_window = 128
-sender_policy = "shared"
+sender_policy = "{self.sender_policy}"
 sender_id_bits = {8 if counter else 0}
 rekey_channel = "{self.group_addr.rsplit('.', 1)[0]}.255:{self.rekey_port}"
-udp_encap_port = {ENCAP_PORT}
+udp_encap_port = {self.encap_port}
 """)
         for m in self.members:
             self._run("member", "add", m.name, "--group", f"{GROUP}:{m.role}", "--out", str(self.dir / f"{m.name}.bundle"),
@@ -188,12 +195,13 @@ udp_encap_port = {ENCAP_PORT}
         while time.monotonic() < deadline:
             for p in [self.controller, *(m.proc for m in self.members)]:
                 if p is not None and p.poll() is not None:
-                    raise ConfigError(f"demo: a process exited early while waiting for {what}; logs in {self.dir}")
+                    raise ConfigError(f"{self.prog}: a process exited early while waiting for {what}; "
+                                      f"logs in {self.dir}")
             v = cond()
             if v:
                 return v
             time.sleep(0.1)
-        raise ConfigError(f"demo: timed out waiting for {what}; logs in {self.dir}")
+        raise ConfigError(f"{self.prog}: timed out waiting for {what}; logs in {self.dir}")
 
     def _open_tap(self) -> None:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -235,6 +243,10 @@ udp_encap_port = {ENCAP_PORT}
             self.inspector = Inspector(uat.parse_esp_sa_untrusted(uat.format_esp_sa(p for p, _ in self.sas.values())))
 
     def _drain(self) -> None:
+        self._drain_wire()
+        self._drain_receivers()
+
+    def _drain_wire(self) -> None:
         assert self.tap is not None
         while True:
             try:
@@ -243,6 +255,8 @@ udp_encap_port = {ENCAP_PORT}
                 break
             now = time.time()
             self.wire.append((now, build_udp_packet(src, self.group_addr, sport, ENCAP_PORT, data, ttl=1)))
+
+    def _drain_receivers(self) -> None:
         for m in self.receivers:
             assert m.deliver is not None
             while True:
@@ -270,9 +284,13 @@ udp_encap_port = {ENCAP_PORT}
 
     # --- the run -----------------------------------------------------------------------------
 
+    def _open_tx(self) -> tuple[socket.socket, tuple[str, int]]:
+        """The feed's source socket and where it sends (the sender's plaintext relay)."""
+        return socket.socket(socket.AF_INET, socket.SOCK_DGRAM), ("127.0.0.1", self.relay_port)
+
     def stream(self, view: Any = None) -> None:
         a = self.args
-        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        tx, dest = self._open_tx()
         t0 = time.monotonic()
         evict_at = a.duration / 2 if len(self.receivers) >= 2 else None
         next_poll = 0.0
@@ -284,7 +302,7 @@ udp_encap_port = {ENCAP_PORT}
                     break
                 due = int(now * RATE)
                 while self.sent <= due and self.sent < int(a.duration * RATE):
-                    tx.sendto(payload(self.sent), ("127.0.0.1", self.relay_port))
+                    tx.sendto(payload(self.sent), dest)
                     self.sent += 1
                 self._drain()
                 if now >= next_poll:
@@ -427,7 +445,7 @@ def _table(demo: Demo, now: float) -> Any:
     from rich.table import Table
     from rich.text import Text
 
-    t = Table(title=f"groupsec demo: {demo.group_addr}  {now:4.1f}/{demo.args.duration:.0f} s  "
+    t = Table(title=f"groupsec {demo.prog}: {demo.group_addr}  {now:4.1f}/{demo.args.duration:.0f} s  "
               f"sent {demo.sent}", expand=False)
     for col in ("member", "state", "KEK/msg", "SAs", "delivered", "drops"):
         t.add_column(col, no_wrap=True)
@@ -454,6 +472,12 @@ def register(sub: Any) -> None:
                        description="Start a controller, one sender and N receivers as separate processes on "
                        "loopback multicast, stream a feed with scheduled rollovers, evict one receiver live, "
                        "and check that the right members got exactly the right packets. Needs no root.")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The scenario's options (shared with `groupsec lab`)."""
     p.add_argument("--duration", type=float, default=20.0, metavar="S", help="seconds of streaming (default 20)")
     p.add_argument("--receivers", type=int, default=3, metavar="N", help="receivers (default 3; the last is evicted)")
     p.add_argument("--suite", default="aes-gcm-16-128", choices=ESP_SUITES, metavar="NAME",
@@ -464,18 +488,26 @@ def register(sub: Any) -> None:
     p.add_argument("--pcap", metavar="FILE", help="write the wire traffic (ESP-in-UDP) as a pcap")
     p.add_argument("--keys", metavar="FILE", help="write the SAs as Wireshark esp_sa lines (secret keys, 0600)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, homes)")
-    p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def check_arguments(args: argparse.Namespace) -> None:
     if not 2.0 <= args.duration <= 3600:
         raise ConfigError(f"--duration {args.duration}: must be 2..3600 seconds")
     if not 1 <= args.receivers <= 50:
         raise ConfigError(f"--receivers {args.receivers}: must be 1..50")
     if not 2.0 <= args.rekey_interval <= 3600:
         raise ConfigError(f"--rekey-interval {args.rekey_interval}: must be 2..3600 seconds")
+
+
+def run(args: argparse.Namespace) -> int:
+    check_arguments(args)
     workdir = Path(tempfile.mkdtemp(prefix="groupsec-demo-"))
-    demo = Demo(args, workdir)
+    return execute(Demo(args, workdir), args)
+
+
+def execute(demo: Demo, args: argparse.Namespace) -> int:
+    """Set up, start, stream (live view unless --json), stop, and report: shared by demo and lab."""
+    workdir = demo.dir
     try:
         demo.setup()
         demo.start()
@@ -497,9 +529,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print_summary(summary, problems)
     for p in problems:
-        print(f"groupsec demo: FAILED: {p}", file=sys.stderr)
+        print(f"groupsec {demo.prog}: FAILED: {p}", file=sys.stderr)
     if args.keep or problems:
-        print(f"groupsec demo: logs and homes kept in {workdir}", file=sys.stderr)
+        print(f"groupsec {demo.prog}: logs and homes kept in {workdir}", file=sys.stderr)
     else:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0 if summary["ok"] else 1
@@ -519,3 +551,8 @@ def _print_summary(summary: dict[str, Any], problems: list[str]) -> None:
     console = Console()
     console.print()
     console.print(t)
+    eve = summary.get("eavesdropper")
+    if eve is not None:
+        console.print(f"eavesdropper {eve['name']}: captured {eve['packets_captured']} packets "
+                      f"({eve['esp_packets']} ESP/AH), {eve['cleartext_bytes']} payload bytes in the clear, "
+                      f"decrypted {eve['decrypted']}, registered: {'yes' if eve['registered'] else 'no'}")
