@@ -118,6 +118,8 @@ class Demo:
         self.encap_port = ENCAP_PORT  # 0: raw ESP
         self.sender_policy = "shared"
         self.init_args: list[str] = []
+        self._revoke: tuple[Member, subprocess.Popen[str]] | None = None
+        self._evict_epoch = 0
 
     # --- set-up ------------------------------------------------------------------------------
 
@@ -319,8 +321,10 @@ udp_encap_port = {self.encap_port}
                         view(self, now)
                 if evict_at is not None and now >= evict_at:
                     evict_at = None
-                    self._evict(self.receivers[-1], now)
+                    self._start_evict(self.receivers[-1], now)
+                self._finish_evict(now)
                 time.sleep(max(0.0, min(0.02, (self.sent / RATE) - (time.monotonic() - t0))))
+            self._finish_evict(time.monotonic() - t0, wait=True)
             deadline = time.monotonic() + 1.5  # packets in flight
             while time.monotonic() < deadline:
                 self._drain()
@@ -341,12 +345,24 @@ udp_encap_port = {self.encap_port}
                         return None
         return None
 
-    def _evict(self, m: Member, now: float) -> None:
-        epoch = self._level_state().get("kek_epoch", 0)
-        self._run("member", "revoke", m.name, "--dir", str(self.home))
+    def _start_evict(self, m: Member, now: float) -> None:
+        """Revoke ``m`` with `groupsec member revoke` in the background: the feed goes on meanwhile
+        (on a loaded machine the command takes seconds)."""
+        self._evict_epoch = self._level_state().get("kek_epoch", 0)
+        self._revoke = (m, subprocess.Popen(_cli("member", "revoke", m.name, "--dir", str(self.home)),
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+
+    def _finish_evict(self, now: float, wait: bool = False) -> None:
+        if self._revoke is None or (self._revoke[1].poll() is None and not wait):
+            return
+        m, proc = self._revoke
+        _, err = proc.communicate(timeout=60)
+        self._revoke = None
+        if proc.returncode != 0:
+            raise ConfigError(f"{self.prog}: `groupsec member revoke {m.name}` failed: {err.strip()}")
         m.evicted = True
         st = self._level_state()
-        if st.get("kek_epoch", 0) > epoch:
+        if st.get("kek_epoch", 0) > self._evict_epoch:
             # the controller's own eviction time: the new KEK and the eviction's TEKs carry it
             self.evict_time = float(st["kek_created"])
         else:
@@ -356,6 +372,9 @@ udp_encap_port = {self.encap_port}
         self.events.append(f"{now:5.1f}s {m.name} revoked and evicted")
 
     def stop(self) -> None:
+        if self._revoke is not None and self._revoke[1].poll() is None:
+            self._revoke[1].kill()
+            self._revoke[1].communicate()
         procs = [p for p in [*(m.proc for m in self.members), self.controller] if p is not None]
         for p in procs:
             if p.poll() is None:
