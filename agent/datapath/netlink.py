@@ -17,6 +17,7 @@ import socket
 import struct
 from dataclasses import dataclass, field
 
+from agent.datapath.sockets import family_of
 from groupsec.errors import GroupSecError
 
 NETLINK_XFRM = 6
@@ -101,10 +102,6 @@ def _error_for(err: int, op: str, msg: str) -> XfrmError:
 
 
 # --- addresses -------------------------------------------------------------------------
-
-
-def family_of(addr: str) -> int:
-    return socket.AF_INET6 if ipaddress.ip_address(addr).version == 6 else socket.AF_INET
 
 
 def _pack_addr(addr: str | None) -> bytes:

@@ -52,9 +52,8 @@ from agent.datapath.netlink import (
     XfrmExists,
     XfrmNetlink,
     XfrmNotFound,
-    family_of,
 )
-from agent.datapath.sockets import Interface, join_group
+from agent.datapath.sockets import Interface, family_of, join_group
 from groupsec.errors import PolicyError
 from groupsec.ipsec.params import SAParams
 from groupsec.ipsec.policy import GroupPolicy
