@@ -61,40 +61,103 @@ def read_status(state_dir: Path) -> dict[str, Any]:
     return doc
 
 
-def render(doc: dict[str, Any]) -> str:
+def _spi(v: Any) -> int | None:
+    try:
+        return v if isinstance(v, int) else int(str(v), 0)
+    except ValueError:
+        return None
+
+
+def _dp_sas(doc: dict[str, Any], name: str) -> dict[tuple[int, str | None], dict[str, Any]]:
+    """The data path's per-SA counters of group ``name``, by (SPI, direction); direction None
+    where the data path does not give one (empty where it has no per-SA counters)."""
+    groups = (doc.get("datapath") or {}).get("groups")
+    g = groups.get(name) if isinstance(groups, dict) else None
+    sas = g.get("sas") if isinstance(g, dict) else None
+    out: dict[tuple[int, str | None], dict[str, Any]] = {}
+    for sa in sas if isinstance(sas, list) else []:
+        spi = _spi(sa.get("spi")) if isinstance(sa, dict) else None
+        if spi is not None:
+            out[(spi, sa.get("direction"))] = sa  # None: a data path that does not say
+    return out
+
+
+def tables(doc: dict[str, Any], now: float | None = None) -> list[Any]:
+    """The human form as rich renderables, in print order: the agent, one table of installed SAs
+    per group (SPI, direction, sender, expiry, packets, bytes, drops), the counters."""
+    from rich.table import Table
+    from rich.text import Text
+
     a = doc["agent"]
-    age = time.time() - float(doc.get("written", 0))
-    lines = [f"member {a.get('member')}  state {a.get('state')}  controller {a.get('controller')} "
-             f"({'connected' if a.get('connected') else 'disconnected'})  "
-             f"{'running' if doc.get('running') else 'NOT RUNNING'} (status {age:.0f}s old)"]
+    age = (time.time() if now is None else now) - float(doc.get("written", 0))
+    out: list[Any] = [Text(f"member {a.get('member')}  state {a.get('state')}  controller {a.get('controller')} "
+                           f"({'connected' if a.get('connected') else 'disconnected'})  "
+                           f"{'running' if doc.get('running') else 'NOT RUNNING'} (status {age:.0f}s old)",
+                           style="bold" if doc.get("running") else "bold red")]
     if a.get("last_error"):
-        lines.append(f"last error: {a['last_error']}")
+        out.append(Text(f"last error: {a['last_error']}", style="red"))
     for g in a.get("groups", []):
         name = f"{g['group']}/{g['level']}" if g.get("level") else g["group"]
         sid = f"  sender id {g['sender_id']}" if g.get("sender_id") is not None else ""
-        lines.append(f"group {name}  {g.get('role')}  dst {g.get('dst')}  msg_id {g.get('msg_id')}  "
-                     f"KEK epoch {g.get('kek_epoch')}{sid}")
-        lines.append(f"  {'SPI':<12}{'dir':<5}{'sender':<16}expires in")
+        out.append(Text(f"group {name}  {g.get('role')}  dst {g.get('dst')}  msg_id {g.get('msg_id')}  "
+                        f"KEK epoch {g.get('kek_epoch')}{sid}"))
+        counters = _dp_sas(doc, name)
+        t = Table()
+        for col in ("SPI", "dir", "sender", "expires in", "packets", "bytes", "drops"):
+            t.add_column(col, no_wrap=True, justify="right" if col in ("expires in", "packets", "bytes") else "left")
         for sa in g.get("sas", []):
             exp = sa.get("expires_in")
-            lines.append(f"  {sa['spi']:<12}{sa['direction']:<5}{sa['sender']:<16}"
-                         f"{'-' if exp is None else f'{exp:.1f}s'}")
-    c = a.get("counters", {})
-    lines.append("counters: " + ", ".join(f"{k} {v}" for k, v in sorted(c.items())))
-    rej = a.get("rejected", {})
-    lines.append("rekeys rejected: " + (", ".join(f"{k} {v}" for k, v in sorted(rej.items())) or "none"))
+            spi = _spi(sa.get("spi"))
+            c = (counters.get((spi, sa["direction"])) or counters.get((spi, None)) or {}) if spi is not None else {}
+            drops = c.get("drops") if isinstance(c.get("drops"), dict) else {}
+            t.add_row(str(sa["spi"]), Text(sa["direction"], style="cyan" if sa["direction"] == "out" else ""),
+                      str(sa.get("sender") or "-"), "-" if exp is None else f"{exp:.1f}s",
+                      str(c.get("packets", "-")), str(c.get("bytes", "-")),
+                      " ".join(f"{k}={v}" for k, v in sorted(drops.items())) or "-")
+        out.append(t)
+    t = Table(title="counters", title_justify="left")
+    t.add_column("counter", no_wrap=True)
+    t.add_column("value", justify="right", no_wrap=True)
+    for k, v in sorted(a.get("counters", {}).items()):
+        t.add_row(k, str(v))
+    for k, v in sorted(a.get("rejected", {}).items()):
+        t.add_row(f"rekeys rejected: {k}", str(v))
     dp = doc.get("datapath") or {}
     tot = dp.get("totals")
     if isinstance(tot, dict):
-        lines.append(f"data path {dp.get('datapath')}: " + ", ".join(f"{k} {v}" for k, v in tot.items()))
+        for k, v in tot.items():
+            t.add_row(f"data path {dp.get('datapath')}: {k}", str(v))
     for name, gs in (dp.get("groups") or {}).items() if isinstance(dp.get("groups"), dict) else []:
         drops = gs.get("drops") if isinstance(gs, dict) else None
-        if drops:
-            lines.append(f"  {name} drops: " + ", ".join(f"{k} {v}" for k, v in sorted(drops.items())))
-    return "\n".join(lines)
+        for k, v in sorted((drops or {}).items()):
+            t.add_row(f"{name} drops: {k}", str(v))
+    out.append(t)
+    return out
+
+
+def render(doc: dict[str, Any], width: int = 160) -> str:
+    """The human form as plain text (the tables without colour)."""
+    import io
+
+    from rich.console import Console
+
+    buf = io.StringIO()
+    console = Console(file=buf, width=width, color_system=None)
+    for r in tables(doc):
+        console.print(r)
+    return buf.getvalue()
 
 
 def main(args: argparse.Namespace) -> int:
     doc = read_status(_state_dir(args))
-    print(json.dumps(doc, indent=1) if args.json else render(doc))
+    if args.json:
+        print(json.dumps(doc, indent=1))
+    else:
+        import sys
+
+        from rich.console import Console
+
+        console = Console(width=None if sys.stdout.isatty() else 160)
+        for r in tables(doc):
+            console.print(r)
     return 0 if doc["running"] else 1

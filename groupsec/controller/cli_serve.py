@@ -8,7 +8,6 @@ import logging
 import resource
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -166,27 +165,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status))
         return 0
-    print(f"controller: {'running' if running else 'not running'}, {status.get('sessions', 0)} session(s)")
-    ha = status.get("ha")
-    if ha:
-        print(f"cluster: this is {ha.get('controller')}, leader {ha.get('leader') or 'none'}, lease TTL "
-              f"{ha.get('lease_ttl')} s, etcd revision {ha.get('etcd_revision')}")
-        for c in ha.get("controllers", []):
-            print(f"  controller {c['name']:<16} {c['addr'] or '-':<22} {'LEADER' if c['leader'] else 'follower':<8} "
-                  f"lag {c['lag_revisions']} rev / {c['lag_s']:.1f} s")
-    for lv in status["levels"]:
-        spis = " ".join(f"{s:#010x}" for g in lv["generations"] for s in g["spis"])
-        print(f"group {lv['group']}/{lv['level'] or '-'}: msg_id {lv['msg_id']} kek epoch {lv['kek_epoch']} "
-              f"senders {lv['senders']} SPIs {spis}")
-    print(f"{'MEMBER':<20} {'GROUP/LEVEL':<18} {'EPOCH':>5} {'MSG':>5} {'LAST ACK':<20} STATE")
-    for m in status["members"]:
-        for lv in m["levels"] or [{"group": "-", "level": "", "epoch": None, "msg_id": None, "last_ack": None,
-                                   "lagging": False}]:
-            ack = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lv["last_ack"])) if lv["last_ack"] else "never"
-            state = "revoked" if m["revoked"] else ("LAGGING" if lv["lagging"] else "ok")
-            state += f" ({m['connected']} conn)" if m["connected"] else ""
-            print(f"{m['name']:<20} {lv['group'] + '/' + (lv['level'] or '-'):<18} {lv['epoch'] or '-':>5} "
-                  f"{lv['msg_id'] if lv['msg_id'] is not None else '-':>5} {ack:<20} {state}")
+    from groupsec.controller.status_view import print_status
+
+    print_status(status)
     return 0
 
 
