@@ -98,6 +98,7 @@ class SecurityAssociation:
         self._aead_encrypt: Callable[..., bytes] | None = None
         self._fast_encrypt: Callable[..., bytes] | None = None
         self._aead_decrypt: Callable[..., bytes] | None = None
+        self._open_aead: Callable[..., bytes] | None = None  # the inline open of AEAD suites
         self._salt = b""
         self._cbc: CbcCipher | None = None
         self._icv: HmacIcv | None = None
@@ -107,6 +108,8 @@ class SecurityAssociation:
             self._aead_decrypt = aead.decrypt
             if suite.kind == "aead" and _test_iv_source is None and direction == "out":
                 self._fast_encrypt = aead.encrypt
+            if suite.kind == "aead":
+                self._open_aead = aead.decrypt
         if suite.kind == "cbc-hmac":
             self._cbc = CbcCipher(params.enc_key)
         if suite.hash_name is not None:
@@ -323,10 +326,10 @@ class SecurityAssociation:
                 window = self.window_for(sender)
             # the replay check of ReplayWindow.check, inlined (no state change before the ICV verifies)
             top = window.top
-            if seq <= top and (seq == 0 or top - seq >= window.size or (window._bitmap >> (top - seq)) & 1):
+            if seq <= top and (seq == 0 or top - seq >= window.size or window._ring[seq & window._ring_mask] == seq):
                 raise ReplayDetected("replayed or too old sequence number")
-            dec = self._aead_decrypt
-            if self._kind == "aead" and dec is not None:
+            dec = self._open_aead
+            if dec is not None:
                 try:
                     pt = dec(self._salt + data[8:16], data[16:], data[:8])
                 except InvalidTag:
@@ -334,15 +337,13 @@ class SecurityAssociation:
             else:
                 pt = self._open_general(data, n)
             padlen = pt[-2]
-            if not pt.endswith(_PADLEN[padlen], 0, len(pt) - 1):
-                raise BadPacket("bad ESP padding")
             m = len(pt) - 2 - padlen
+            if padlen and not pt.endswith(_PADLEN[padlen], 0, m + padlen + 1):
+                raise BadPacket("bad ESP padding")
+            # ReplayWindow.accept, inlined: only now that the ICV verified
+            window._ring[seq & window._ring_mask] = seq
             if seq > top:
-                shift = seq - top
-                window._bitmap = ((window._bitmap << shift) | 1) & window._mask if shift < window.size else 1
                 window.top = seq
-            else:
-                window._bitmap |= 1 << (top - seq)
             self._packets += 1
             self._bytes += m
             if self._packets >= self._pkt_check or self._bytes >= self._bytes_check:
