@@ -131,9 +131,11 @@ async def serve(cfg: AgentConfig, bundle: Bundle, *, metrics: tuple[str, int] | 
 
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     datapath = make_datapath(cfg)
-    session = AgentSession(cfg, bundle, datapath)
     started = time.time()
     try:
+        if hasattr(datapath, "reconcile"):  # XFRM: remove stale SAs/policies of ours (a killed earlier run)
+            datapath.reconcile()
+        session = AgentSession(cfg, bundle, datapath)
         async with trio.open_nursery() as n:
             if hasattr(datapath, "run"):
                 await n.start(datapath.run)
