@@ -49,6 +49,9 @@ Opened = tuple[Any, Any]
 
 _SPI = struct.Struct("!I")
 _V4UDP = struct.Struct("!BBHHHBBH4s4sHHHH")  # an option-less IPv4 header and a UDP header: 28 bytes
+# of the same 28 bytes, what the receive check reads: version/IHL, total length, flags/fragment
+# offset, protocol, destination, destination port, UDP length
+_V4UDP_IN = struct.Struct("!BxH2xHxB2x4x4s2xHH2x")
 _PORTS = struct.Struct("!HH")
 _PROTO_IPV4 = 4
 _PROTO_IPV6 = 41
@@ -118,6 +121,10 @@ class GroupEngine:
         self._tunnel_nh = _PROTO_IPV4 if self._version == 4 else _PROTO_IPV6
         self._fast_tunnel = wire == "encap" and self._version == 4
         self._any_source: dict[int, SecurityAssociation] = {}
+        # the hot paths' SAs (ESP-in-UDP, IPv4, tunnel mode, no source authentication): the
+        # outbound SA, or None; the inbound any-source SAs by SPI. Set by apply().
+        self._fast_out: SecurityAssociation | None = None
+        self._fast_in: dict[int, SecurityAssociation] = {}
         self._ident = int.from_bytes(os.urandom(2), "big")
         # the IPv4 header checksum without its total length (which is all that changes)
         self._v4_sum = sum(struct.unpack("!10H", ipmod.ipv4_header(self._src_packed, self._dst_packed, _PROTO_UDP,
@@ -172,6 +179,10 @@ class GroupEngine:
             if out.dst != self.policy.dst:
                 raise LocalProtocolError(f"outbound SA {out.spi:#x} is for {out.dst}, not {self.policy.dst}")
             self.outbound = SecurityAssociation(out, "out", now)
+        fast = self._fast_tunnel and not self._signed
+        self._fast_in = {spi: sa for spi, sa in self._any_source.items() if sa.params.mode == "tunnel"} if fast else {}
+        self._fast_out = self.outbound if fast and self.outbound is not None and \
+            self.outbound.params.mode == "tunnel" else None
 
     def _drop(self, reason: str) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + 1
@@ -190,10 +201,22 @@ class GroupEngine:
     def seal_payload(self, payload: bytes | memoryview, sport: int, dport: int, now: float) -> list[bytes]:
         """Protect an application's UDP payload (from the relay or a GroupSocket). Returns the
         datagrams to send now: one, or with "sign-batched" none or a whole window."""
+        n = len(payload)
+        sa = self._fast_out
+        if sa is not None and n <= 65507:
+            # _inner_udp inline (the hot path of the relay and GroupSocket); the one's complement
+            # sum of the header is folded with a modulo: c > 0, so (c - 1) % 0xFFFF + 1 is the fold
+            ident = self._ident = self._ident % 0xFFFF + 1
+            c = (self._v4_sum + 27 + n + ident) % 0xFFFF + 1
+            data = sa.seal_esp(_PROTO_IPV4, _V4UDP.pack(0x45, 0, 28 + n, ident, 0, self.ttl, _PROTO_UDP, ~c & 0xFFFF,
+                                                        self._src_packed, self._dst_packed, sport, dport, 8 + n, 0)
+                               + payload, now)
+            self.tx_packets += 1
+            self.tx_bytes += n
+            return [data]
         sa = self.outbound
         if sa is None:
             raise ReceiveOnly(f"group {self.policy.group!r}: this member is receive-only (no outbound SA)")
-        n = len(payload)
         if self._signed:
             inner = self._inner_udp(payload, sport, dport)
             if sa.params.mode == "tunnel":
@@ -302,6 +325,22 @@ class GroupEngine:
         Raises a ``PacketDropped`` (counted by the caller through ``count_drop``).
         """
         spi = _SPI.unpack_from(data)[0] if len(data) >= 8 else 0
+        sa = self._fast_in.get(spi)
+        if sa is not None:
+            # the hot path: an any-source tunnel SA, no source authentication; the common inner
+            # packet inline (an option-less, unfragmented IPv4/UDP packet to the group)
+            nh, pkt, _sender = sa.open_esp_untrusted(data, now)
+            n = len(pkt)
+            if nh == _PROTO_IPV4 and n >= 28:
+                vhl, total, ff, proto, dst, dport, ulen = _V4UDP_IN.unpack_from(pkt)
+                if vhl == 0x45 and proto == _PROTO_UDP and total == n and not ff & 0x3FFF and \
+                        8 <= ulen <= n - 20 and dst == self._dst_packed and dport == self._port_fast:
+                    self.rx_packets += 1
+                    self.rx_bytes += n
+                    return pkt, pkt[28 : 20 + ulen]
+            if nh != _PROTO_IPV4:
+                raise NotForGroup(f"tunnel SA carried next header {nh}")
+            return self._check_inner(pkt)
         if not spi:
             if udpencap.classify_untrusted(data) == "keepalive":  # raises BadPacket when too short
                 raise Keepalive("NAT keepalive")
