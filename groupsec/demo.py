@@ -118,6 +118,7 @@ class Demo:
         self.encap_port = ENCAP_PORT  # 0: raw ESP
         self.sender_policy = "shared"
         self.init_args: list[str] = []
+        self.start_timeout = START_TIMEOUT
         self._revoke: tuple[Member, subprocess.Popen[str]] | None = None
         self._evict_epoch = 0
 
@@ -193,7 +194,7 @@ udp_encap_port = {self.encap_port}
             s.get("direction") == ("out" if m.role == "sender" else "in") for g in groups for s in g.get("sas", []))
 
     def _wait(self, cond: Any, what: str) -> Any:
-        deadline = time.monotonic() + START_TIMEOUT
+        deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             for p in [self.controller, *(m.proc for m in self.members)]:
                 if p is not None and p.poll() is not None:
@@ -300,12 +301,12 @@ udp_encap_port = {self.encap_port}
         try:
             while True:
                 now = time.monotonic() - t0
-                if now >= a.duration:
-                    break
                 due = int(now * RATE)
                 while self.sent <= due and self.sent < int(a.duration * RATE):
                     tx.sendto(payload(self.sent), dest)
                     self.sent += 1
+                if now >= a.duration:  # the whole feed is out (due covers it by now)
+                    break
                 self._drain()
                 if now >= next_poll:
                     next_poll = now + 0.5

@@ -38,6 +38,7 @@ from groupsec.ipsec.suites import get_suite
 from groupsec.netns import Lan, Netns, child_env, missing_privilege, sh
 
 CONTROLLER_PORT = 7443
+START_TIMEOUT = 180.0
 RELAY_PORT, DELIVER_PORT = 16000, 16001  # inside each member's own namespace
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
@@ -49,6 +50,7 @@ class Lab(Demo):
         self.prog = "lab"
         self.encap_port = 0  # raw ESP on the wire
         self.relay_port = RELAY_PORT
+        self.start_timeout = START_TIMEOUT  # 7 Python processes; in a TCG VM each takes many seconds to start
         self.xfrm = args.datapath == "xfrm"
         if self.xfrm:  # Linux builds the IV from the sequence number: no sender IDs, one SA per sender
             self.sender_policy = "per-sender"
