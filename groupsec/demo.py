@@ -125,7 +125,11 @@ class Demo:
     # --- set-up ------------------------------------------------------------------------------
 
     def _run(self, *args: str) -> str:
-        res = subprocess.run(_cli(*args), capture_output=True, text=True, timeout=60)
+        try:
+            res = subprocess.run(_cli(*args), capture_output=True, text=True, timeout=self.start_timeout)
+        except subprocess.TimeoutExpired:
+            raise ConfigError(f"{self.prog} set-up: `groupsec {' '.join(args[:2])}` took more than "
+                              f"{self.start_timeout:.0f} s") from None
         if res.returncode != 0:
             raise ConfigError(f"{self.prog} set-up: `groupsec {' '.join(args[:2])}` failed: {res.stderr.strip()}")
         return res.stdout
