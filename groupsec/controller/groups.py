@@ -528,7 +528,12 @@ class GroupManager:
     def summary(self) -> list[dict[str, Any]]:
         out = []
         for lc in self.config.levels.values():
-            st = self.state(lc.group, lc.level)
+            try:
+                st = self.state(lc.group, lc.level)
+            except KeyError:  # configured, but no controller has created its keys yet
+                out.append({"group": lc.group, "level": lc.level, "msg_id": 0, "kek_epoch": 0, "generations": [],
+                            "senders": 0, "created": False})
+                continue
             out.append({"group": lc.group, "level": lc.level, "msg_id": st["msg_id"], "kek_epoch": st["kek_epoch"],
                         "generations": [{"gen": g["gen"], "activate_at": g["activate_at"],
                                          "deactivate_at": g["deactivate_at"],
