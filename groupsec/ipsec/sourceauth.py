@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Callable, Iterable, Mapping
+from itertools import repeat
 from typing import Any, Literal, Protocol
 
 from cryptography.exceptions import InvalidSignature
@@ -197,10 +198,11 @@ class BatchSigner:
         self.packets = 0
 
     def add(self, packet: bytes, now: float) -> list[bytes]:
-        if not self._window:
+        window = self._window
+        if not window:
             self._deadline = now + self.max_delay
-        self._window.append(packet)
-        if len(self._window) >= self.max_packets:
+        window.append(packet)
+        if len(window) >= self.max_packets:
             return self.flush()
         return []
 
@@ -222,16 +224,20 @@ class BatchSigner:
         if not window:
             return []
         count = len(window)
-        levels = build_tree([leaf_hash(p) for p in window])
+        sha = _sha256
+        leaves = []
+        for p in window:  # leaf_hash, inline
+            h = sha(_LEAF)
+            h.update(p)
+            leaves.append(h.digest())
+        levels = build_tree(leaves)
         sig = self._key.sign(batch_message(count, levels[-1][0]))
-        tail = sig + bytes((count - 1,))
         self.windows += 1
         self.packets += count
-        # every packet's PATH at once: the siblings per level, then joined per packet
-        sibs = [[lvl[i ^ 1] for i in range(len(lvl))] for lvl in levels[:-1]]
-        paths = [b"".join(col) for col in zip(*[[sl[i >> k] for i in range(count)] for k, sl in enumerate(sibs)],
-                                              strict=True)] if sibs else [b""] * count
-        return [p + path + tail + _INDEX_TYPE[i] for i, (p, path) in enumerate(zip(window, paths, strict=True))]
+        # P || PATH || SIG || COUNT-1 || INDEX || 0x02, each packet in one join: PATH is the
+        # sibling per level, columns built a level at a time
+        cols = [[lvl[(i >> k) ^ 1] for i in range(count)] for k, lvl in enumerate(levels[:-1])]
+        return [b"".join(parts) for parts in zip(window, *cols, repeat(sig + bytes((count - 1,))), _INDEX_TYPE)]
 
     def __repr__(self) -> str:
         return f"BatchSigner(max_packets={self.max_packets}, max_delay={self.max_delay}, pending={len(self._window)})"
@@ -270,8 +276,12 @@ class SigningSealer:
         self._batch = BatchSigner(signing_key, max_packets, max_delay) \
             if mode == "sign-batched" and signing_key is not None else None
         self._signed = 0
+        self._add = self._batch.add if self._batch is not None else None
 
     def seal_esp(self, next_header: int, payload: bytes, now: float) -> list[bytes]:
+        add = self._add
+        if add is not None:  # "sign-batched": sign() without its dispatch
+            return add(self.sa.seal_esp(next_header, payload, now), now)
         return self.sign(self.sa.seal_esp(next_header, payload, now), now)
 
     def sign(self, packet: bytes, now: float) -> list[bytes]:
