@@ -66,7 +66,7 @@ def _baselines(suite: str, key: bytes, auth_key: bytes, payload: bytes, n: int
         nonce, aad = os.urandom(12), os.urandom(8)
         # open: n distinct ciphertexts, like the n distinct packets our open goes through
         opens = [(nonce[:4] + i.to_bytes(8, "big"), aad) for i in range(n)]
-        open_args = [(nc, aead.encrypt(nc, payload, ad), ad) for nc, ad in opens]
+        open_args: list[tuple[bytes, ...]] = [(nc, aead.encrypt(nc, payload, ad), ad) for nc, ad in opens]
         return aead.encrypt, [(nonce, payload, aad)] * n, aead.decrypt, open_args
     alg = algorithms.AES(key)
     mac = c_hmac.HMAC(auth_key, hashes.SHA256())
@@ -108,7 +108,8 @@ def _one(suite: str, size: int, iterations: int, repeats: int, block: int) -> li
         # a fresh SA per pass: the inbound one opens every packet once (replay window)
         ours_seal = SecurityAssociation(params, "out", 0.0).seal_esp
         ours_open = SecurityAssociation(params, "in", 0.0).open_esp_untrusted
-        cases = [("base_seal", b_seal, b_seal_args), ("seal", ours_seal, seal_args),
+        cases: list[tuple[str, Callable[..., Any], list[Any]]] = [
+                 ("base_seal", b_seal, b_seal_args), ("seal", ours_seal, seal_args),
                  ("base_open", b_open, b_open_args), ("open", ours_open, sealed)]
         if r % 2:
             cases.reverse()
