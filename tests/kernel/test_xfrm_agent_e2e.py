@@ -71,7 +71,7 @@ def wait_for(pred: Any, what: str, procs: list[subprocess.Popen[bytes]], timeout
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for p in procs:
-            assert p.poll() is None, f"a process ({p.args[4:8]}) exited with {p.returncode} while waiting for {what}"
+            assert p.poll() is None, f"a process ({p.args!r}) exited with {p.returncode} while waiting for {what}"
         v = pred()
         if v:
             return v
