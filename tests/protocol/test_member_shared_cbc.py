@@ -49,12 +49,14 @@ def test_sender_switches_to_a_rekeyed_shared_cbc_sa_at_activation() -> None:
     new_spi = ctl.levels[("video", "")].sas[-1].params.spi
     m.receive_datagram(dg, T0 + 0.1)
     evs = [e for e in _drain(m) if isinstance(e, InstallChanged)]
-    assert evs and evs[-1].install.outbound.spi == old_spi  # before activation: the old SA
+    assert evs
+    assert evs[-1].install.outbound.spi == old_spi
     act = T0 + ctl.levels[("video", "")].policy.atd
     while (t := m.get_timer()) is not None and t <= act + 1e-6:
         m.handle_timer(t)
     out = m.install_for(("video", ""), act + 1e-3).outbound
-    assert out is not None and out.spi == new_spi
+    assert out is not None
+    assert out.spi == new_spi
     assert out.sender_id is None  # CBC carries no sender ID
 
 
