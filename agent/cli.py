@@ -1,12 +1,12 @@
-"""The ``groupsec-agent`` command (the group member)."""
+"""The ``groupsec-agent`` command (the group member). Subcommands are the modules below,
+each with ``register(subparsers)`` (see groupsec/cliutil.py)."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-from groupsec.errors import ConfigError, GroupSecError
+from groupsec import cliutil
 
 COMMAND_MODULES: list[str] = [
     "agent.run",
@@ -16,31 +16,15 @@ COMMAND_MODULES: list[str] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="groupsec-agent",
-        description="groupsec-agent: a multicast group member. Registers with the controller and protects traffic.",
+    return cliutil.build_parser(
+        "groupsec-agent",
+        "groupsec-agent: a multicast group member. Registers with the controller and protects traffic.",
+        COMMAND_MODULES,
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        rc = args.func(args)
-    except ConfigError as exc:
-        print(f"groupsec-agent {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except GroupSecError as exc:
-        print(f"groupsec-agent {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return int(rc or 0)
+    return cliutil.run(build_parser(), argv)
 
 
 if __name__ == "__main__":
