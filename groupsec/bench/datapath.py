@@ -123,8 +123,8 @@ def measure(mode: str, args: argparse.Namespace, kernel: tuple[str, str] | None 
     recv = _worker("recv", spec, module, rx)
     send = None
     try:
+        send = _worker("send", spec, module, tx)  # both start at once; the sender waits for "go"
         _line(recv)
-        send = _worker("send", spec, module, tx)
         _line(send)
         assert send.stdin is not None
         send.stdin.write("go\n")
@@ -141,6 +141,8 @@ def measure(mode: str, args: argparse.Namespace, kernel: tuple[str, str] | None 
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
+                if p.stdout is not None:
+                    p.stdout.close()
     pps = got["delivered"] / got["seconds"] if got["seconds"] > 0 else 0.0
     wire_sent = sent["wire_sent"]
     auth = sum(int(sa.get("drops", {}).get("auth-failed", 0)) for sa in got.get("sas", []))
