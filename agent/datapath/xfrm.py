@@ -121,6 +121,7 @@ class _Group:
     policy: GroupPolicy
     reqid: int
     sas: dict[SaKey, SAParams] = field(default_factory=dict)
+    saddr: dict[SaKey, str] = field(default_factory=dict)  # each SA's source address in the kernel ("" = any)
     out_spi: int | None = None
     out_key: SaKey | None = None
     policies: bool = False
@@ -200,16 +201,22 @@ class XfrmDatapath:
         g.policy = policy
         out = install.outbound
         out_key: SaKey | None = (out.dst, out.spi, PROTO_NUMBERS[out.protocol]) if out else None
-        source = self._source_for(policy.dst) if out is not None and out.mode == "tunnel" and not out.src else None
+        # A tunnel-mode SA's kernel source address is the outer source of what we send with it.
+        # While we send, every SA gets ours: the next SA is added before its activation, while
+        # another SA is still the outbound one, and the kernel cannot change an SA's source later
+        # (without one it sends from 0.0.0.0, which every receiver drops as a martian).
+        sending = out is not None and policy.mode == "tunnel"
+        source = self._source_for(policy.dst) if sending and any(not p.src for p in wanted.values()) else None
         # 1. new (or changed) SAs in, before anything uses them
         for key, params in wanted.items():
             old = g.sas.get(key)
-            if old == params:
+            need = (params.src or source or "") if key == out_key else None
+            if old == params and (need is None or g.saddr.get(key) == need):
                 continue
-            if old is not None:
+            if old is not None:  # changed, or about to send with an SA added without our source
                 self._quiet(self.nl.delete_sa, *key)
                 g.sas.pop(key)
-            sa = kernel_sa_for(params, g.reqid, source if key == out_key else None)
+            sa = kernel_sa_for(params, g.reqid, source)
             try:
                 self.nl.add_sa(sa)
             except XfrmExists:
@@ -217,6 +224,7 @@ class XfrmDatapath:
                     f"SA {params.spi:#010x} to {params.dst} already exists in the kernel and is not ours "
                     "(another IPsec daemon?)") from None
             g.sas[key] = params
+            g.saddr[key] = sa.saddr
             log.info("xfrm: added SA %#010x %s %s %s for %s", params.spi, params.protocol, params.suite,
                      params.mode, _name(policy))
         # 2. the policies: inbound template, outbound switch (or block)
@@ -226,6 +234,7 @@ class XfrmDatapath:
         for key in [k for k in g.sas if k not in wanted]:
             self._quiet(self.nl.delete_sa, *key)
             del g.sas[key]
+            g.saddr.pop(key, None)
             log.info("xfrm: removed SA %#010x for %s", key[1], _name(policy))
         self._sockets(g, install)
 

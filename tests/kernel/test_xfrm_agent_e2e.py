@@ -221,7 +221,7 @@ udp_encap_port = 0
     sender_port = f"h{lan.members.index(snd) + 1}"  # the sender's veth end on the bridge
 
     got: list[set[int]] = [set() for _ in apps]
-    wire: dict[str, Any] = {"esp": 0, "spis": {}, "plain_udp": 0, "cleartext": 0, "frames": 0}
+    wire: dict[str, Any] = {"esp": 0, "spis": {}, "plain_udp": 0, "cleartext": 0, "frames": 0, "esp_src": {}}
 
     def drain() -> None:
         for s, seen in zip(apps, got, strict=True):
@@ -249,6 +249,8 @@ udp_encap_port = 0
                 wire["esp"] += 1
                 spi = frame[14 + ihl:18 + ihl].hex()
                 wire["spis"][spi] = wire["spis"].get(spi, 0) + 1
+                src = socket.inet_ntoa(frame[26:30])  # the outer source: a receiver drops 0.0.0.0 as a martian
+                wire["esp_src"][src] = wire["esp_src"].get(src, 0) + 1
             elif frame[23] == 17:
                 wire["plain_udp"] += 1
 
@@ -270,6 +272,7 @@ udp_encap_port = 0
         time.sleep(0.05)
         drain()
     drain()
+    assert set(wire["esp_src"]) == {snd.address}, f"ESP outer sources by count: {wire['esp_src']}"
     for m, seen in zip(members[1:], got, strict=True):
         missing = sorted(set(range(seq)) - seen)
         assert not missing, (f"{m.name} lost {len(missing)} of {seq} packets (first {missing[:10]}); "
