@@ -20,6 +20,8 @@ ESP transform; where it is missing the lab says so and exits 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import shutil
 import signal
@@ -27,6 +29,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -63,6 +66,20 @@ class Lab(Demo):
         self.cleartext_bytes = 0
 
     # --- set-up ------------------------------------------------------------------------------
+
+    def _run(self, *args: str) -> str:
+        """`groupsec ARGS` in this process (the lab already runs as `groupsec`): a new interpreter
+        costs tens of seconds in a TCG VM, and the set-up runs six of these commands."""
+        rc, out, err = _cli_in_process(*args)
+        if rc != 0:
+            raise ConfigError(f"{self.prog} set-up: `groupsec {' '.join(args[:2])}` failed: {err.strip()}")
+        return out
+
+    def _start_evict(self, m: Member, now: float) -> None:
+        """`groupsec member revoke` in a thread of this process: as a new process it took longer
+        than the whole feed in a TCG VM, so the eviction came after the last packet."""
+        self._evict_epoch = self._level_state().get("kek_epoch", 0)
+        self._revoke = (m, _InProcessCommand("member", "revoke", m.name, "--dir", str(self.home)))  # type: ignore[assignment]
 
     def setup(self) -> None:
         self.lan = Lan(tag="gslab")
@@ -183,6 +200,14 @@ class Lab(Demo):
             if parse_payload(data) is not None:
                 self.eve.received.add(len(self.eve.received))
 
+    def _read_status(self, m: Member) -> None:
+        """The kernel data path reports its counters per SA and per namespace, not per group as
+        the userspace engine does: give the summary the member's drops in the engine's shape."""
+        super()._read_status(m)
+        dp = m.status.get("datapath")
+        if isinstance(dp, dict) and dp.get("datapath") == "xfrm":
+            m.status["datapath"] = {**dp, "groups": {scenario.GROUP: {"drops": xfrm_drops(dp)}}}
+
     # --- results -----------------------------------------------------------------------------
 
     def summary(self) -> tuple[dict[str, Any], list[str]]:
@@ -220,6 +245,66 @@ class Lab(Demo):
             if self.lan is not None:
                 self.lan.close()
                 self.lan = None
+
+
+_CLI_LOCK = threading.Lock()
+
+
+def _cli_in_process(*args: str) -> tuple[int, str, str]:
+    """Run `groupsec ARGS` here: (exit code, stdout, stderr). Output is captured, so the lab's
+    own output (the live view, --json) must not be written meanwhile: the set-up runs before it,
+    and the eviction's one line is all `member revoke` prints."""
+    from groupsec.cli import main  # not at import time: groupsec.cli imports this module
+
+    out, err = io.StringIO(), io.StringIO()
+    with _CLI_LOCK, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(list(args))
+    return rc, out.getvalue(), err.getvalue()
+
+
+class _InProcessCommand:
+    """The part of subprocess.Popen that the demo's eviction uses, for a `groupsec` command run
+    in a thread of this process."""
+
+    def __init__(self, *args: str) -> None:
+        self.returncode: int | None = None
+        self._out = self._err = ""
+        self._thread = threading.Thread(target=self._main, args=args, daemon=True)
+        self._thread.start()
+
+    def _main(self, *args: str) -> None:
+        try:
+            rc, self._out, self._err = _cli_in_process(*args)
+        except (Exception, SystemExit) as exc:  # reported like a failed process: exit code and stderr
+            rc, self._err = 1, f"{type(exc).__name__}: {exc}"
+        self.returncode = rc
+
+    def poll(self) -> int | None:
+        return None if self._thread.is_alive() else self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise subprocess.TimeoutExpired("groupsec member revoke", timeout or 0)
+        return self._out, self._err
+
+    def kill(self) -> None:
+        pass  # a thread cannot be killed; stop() then waits for it in communicate()
+
+
+# the kernel's per-namespace XFRM counters (/proc/net/xfrm_stat) behind each of our drop reasons
+KERNEL_DROPS = {"auth-failed": "XfrmInStateProtoError", "replay": "XfrmInStateSeqError"}
+
+
+def xfrm_drops(stats: dict[str, Any]) -> dict[str, int]:
+    """A member's drops on the kernel data path, from its ``XfrmDatapath.statistics()``.
+
+    Each member has its own namespace, so the namespace's counters are the member's; they also
+    keep what SAs deleted since counted, which the per-SA counters lose with the SA."""
+    kernel = stats.get("kernel") or {}
+    totals = (stats.get("totals") or {}).get("drops") or {}
+    out = {k: max(int(totals.get(k, 0)), int(kernel.get(name, 0))) for k, name in KERNEL_DROPS.items()}
+    return {k: v for k, v in out.items() if v}
 
 
 def register(sub: Any) -> None:
