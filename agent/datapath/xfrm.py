@@ -201,12 +201,16 @@ class XfrmDatapath:
         g.policy = policy
         out = install.outbound
         out_key: SaKey | None = (out.dst, out.spi, PROTO_NUMBERS[out.protocol]) if out else None
-        # A tunnel-mode SA's kernel source address is the outer source of what we send with it.
-        # While we send, every SA gets ours: the next SA is added before its activation, while
-        # another SA is still the outbound one, and the kernel cannot change an SA's source later
-        # (without one it sends from 0.0.0.0, which every receiver drops as a martian).
-        sending = out is not None and policy.mode == "tunnel"
-        source = self._source_for(policy.dst) if sending and any(not p.src for p in wanted.values()) else None
+        # A tunnel-mode SA's kernel source address is the outer source of what we send with it,
+        # and the kernel cannot change it later (without one it sends from 0.0.0.0, which every
+        # receiver drops as a martian). Our next per-sender SA arrives before its activation,
+        # listed as inbound while the current one is still outbound: the owners map says it is
+        # ours, so it gets our source when it is added. Any other SA that becomes outbound
+        # without our source (a shared level's next SA) is added again before the switch.
+        me = install.owners.get(out.spi) if out is not None else None
+        ours = {k for k in wanted if k == out_key or (me is not None and install.owners.get(k[1]) == me)}
+        tunnel_out = out is not None and out.mode == "tunnel"
+        source = self._source_for(policy.dst) if tunnel_out and any(not wanted[k].src for k in ours) else None
         # 1. new (or changed) SAs in, before anything uses them
         for key, params in wanted.items():
             old = g.sas.get(key)
@@ -216,7 +220,7 @@ class XfrmDatapath:
             if old is not None:  # changed, or about to send with an SA added without our source
                 self._quiet(self.nl.delete_sa, *key)
                 g.sas.pop(key)
-            sa = kernel_sa_for(params, g.reqid, source)
+            sa = kernel_sa_for(params, g.reqid, source if key in ours else None)
             try:
                 self.nl.add_sa(sa)
             except XfrmExists:

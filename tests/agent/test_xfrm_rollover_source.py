@@ -67,27 +67,31 @@ def test_every_sa_a_tunnel_sender_rolls_over_to_has_its_source(monkeypatch) -> N
     monkeypatch.setattr(dp, "_sockets", lambda g, install: None)  # no join sockets in a unit test
     policy = _policy()
     a, b, c = _sas(policy)
-    dp.apply(GroupInstall(policy, (), a))  # registered: sending with A
+    other = new_sa(policy, 0x2001, 0, 3600)  # another sender's SA: we only receive under it
+    owners = {a.spi: 1, b.spi: 1, c.spi: 1, other.spi: 2}  # per-sender SAs: SPI -> sender ID (the grant's map)
+    dp.apply(GroupInstall(policy, (other,), a, owners=owners))  # registered: sending with A
     for cur, nxt in ((a, b), (b, c)):
-        dp.apply(GroupInstall(policy, (nxt,), cur))  # the rekey: next SA in, still sending with the current one
-        dp.apply(GroupInstall(policy, (nxt,), nxt))  # activation: the outbound switch
-        dp.apply(GroupInstall(policy, (), nxt))  # deactivation of the old one
+        # the rekey: our next SA listed as inbound, still sending with the current one
+        dp.apply(GroupInstall(policy, (nxt, other), cur, owners=owners))
+        dp.apply(GroupInstall(policy, (nxt, other), nxt, owners=owners))  # activation: the outbound switch
+        dp.apply(GroupInstall(policy, (other,), nxt, owners=owners))  # deactivation of the old one
         held = nl.sas[(policy.dst, nxt.spi, 50)]
         assert held.saddr == SOURCE, f"SA {nxt.spi:#x} would send from {held.saddr or '0.0.0.0'}"
-    assert set(nl.sas) == {(policy.dst, c.spi, 50)}
-    assert [sa.spi for sa in nl.added] == [a.spi, b.spi, c.spi]  # each added once: no delete and re-add
+    assert set(nl.sas) == {(policy.dst, c.spi, 50), (policy.dst, other.spi, 50)}
+    assert sorted(sa.spi for sa in nl.added) == [a.spi, b.spi, c.spi, other.spi]  # each once: no re-add
+    assert nl.sas[(policy.dst, other.spi, 50)].saddr in ("", "0.0.0.0")  # not ours: no source of ours
 
 
-def test_an_sa_added_without_source_is_reinstalled_before_sending_with_it(monkeypatch) -> None:
+def test_a_shared_levels_next_sa_is_reinstalled_with_our_source_before_the_switch(monkeypatch) -> None:
     dp, nl = _datapath()
     monkeypatch.setattr(dp, "_sockets", lambda g, install: None)
     policy = _policy()
     a, b, _ = _sas(policy)
-    dp.apply(GroupInstall(policy, (a, b)))  # receive-only at first: no source needed, none given
+    dp.apply(GroupInstall(policy, (a, b), a))  # no owners map (shared level): B is just another inbound SA
     assert nl.sas[(policy.dst, b.spi, 50)].saddr in ("", "0.0.0.0")
     dp.apply(GroupInstall(policy, (a, b), b))  # now sending with B
     assert nl.sas[(policy.dst, b.spi, 50)].saddr == SOURCE
-    assert nl.sas[(policy.dst, a.spi, 50)].saddr in ("", "0.0.0.0")  # receiving only: left alone
+    assert sorted(sa.spi for sa in nl.added) == [a.spi, b.spi, b.spi]  # B added again, A left alone
 
 
 def test_transport_mode_and_receivers_get_no_source(monkeypatch) -> None:
