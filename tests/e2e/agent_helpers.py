@@ -338,3 +338,28 @@ class Stream:
     def lost(self, name: str) -> list[int]:
         got = self.got(name)
         return [i for i in range(self.sent) if i not in got]
+
+
+def stream_through_eviction(ctl: Controller, agents: dict[str, Agent], apps: dict[str, socket.socket],
+                            listen: int, sender: str, victim: str) -> tuple[Stream, int]:
+    """Stream at 1,000 pps into ``sender``'s relay, revoke ``victim`` after 1 s, and keep going
+    2 s after the sender switched SA. Returns the stopped stream and the boundary: the count of
+    packets handed to the relay before the sender sealed under the post-eviction SA (every
+    packet from there on is sealed with keys the victim must not have)."""
+    old_out = next(sa["spi"] for sa in agents[sender].group("video")["sas"] if sa["direction"] == "out")
+    stream = Stream(("127.0.0.1", listen), pps=1000)
+    for n, s in apps.items():
+        stream.collect(n, s)
+    stream.start()
+    time.sleep(1.0)
+    ctl.cli("member", "revoke", victim)
+
+    def switched() -> int | None:
+        grp = agents[sender].group("video")
+        outs = [sa["spi"] for sa in grp["sas"] if sa["direction"] == "out"] if grp else []
+        return stream.sent if outs and outs[0] != old_out else None
+
+    boundary = wait_for(switched, 10, f"{sender} to send under the new SA", interval=0.01)
+    time.sleep(2.0)
+    stream.stop(settle=1.5)
+    return stream, boundary

@@ -7,10 +7,16 @@ agent asked for a Resync and that the controller pushed no per-member KEK grant.
 
 from __future__ import annotations
 
-import time
-
 import pytest
-from agent_helpers import Agent, Controller, GroupDef, Stream, free_port, udp_socket, wait_for
+from agent_helpers import (
+    Agent,
+    Controller,
+    GroupDef,
+    free_port,
+    stream_through_eviction,
+    udp_socket,
+    wait_for,
+)
 
 RECEIVERS = ("bob", "carol", "dave", "eve")
 
@@ -49,22 +55,7 @@ def test_lkh_eviction_one_multicast_rekey_evicted_agent_decrypts_nothing_new(tmp
                  15, "all agents at the current msg_id/KEK")
         before = ctl.status()["counters"]
         counters0 = {n: agents[n].status()["agent"]["counters"] for n in agents}
-        old_out = next(sa["spi"] for sa in agents["alice"].group("video")["sas"] if sa["direction"] == "out")
-        stream = Stream(("127.0.0.1", listen), pps=1000)
-        for n, s in apps.items():
-            stream.collect(n, s)
-        stream.start()
-        time.sleep(1.0)
-        ctl.cli("member", "revoke", "eve")
-
-        def switched() -> int | None:
-            grp = agents["alice"].group("video")
-            outs = [sa["spi"] for sa in grp["sas"] if sa["direction"] == "out"] if grp else []
-            return stream.sent if outs and outs[0] != old_out else None
-        # every packet the application hands over from here on is sealed under the post-eviction SA
-        boundary = wait_for(switched, 10, "alice to send under the new SA", interval=0.01)
-        time.sleep(2.0)
-        stream.stop(settle=1.5)
+        stream, boundary = stream_through_eviction(ctl, agents, apps, listen, "alice", "eve")
         lv = level()
         after_ctl = ctl.status()["counters"]
         counters1 = {n: agents[n].status()["agent"]["counters"] for n in agents}

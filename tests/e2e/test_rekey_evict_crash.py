@@ -8,7 +8,16 @@ import sys
 import time
 
 import pytest
-from agent_helpers import ENV, Agent, Controller, GroupDef, Stream, free_port, udp_socket, wait_for
+from agent_helpers import (
+    ENV,
+    Agent,
+    Controller,
+    GroupDef,
+    free_port,
+    stream_through_eviction,
+    udp_socket,
+    wait_for,
+)
 
 
 @pytest.mark.slow
@@ -32,22 +41,7 @@ def test_evicted_member_decrypts_nothing_new_and_the_others_lose_nothing(tmp_pat
             a.start()
         for a in agents.values():
             a.wait_registered("video")
-        old_out = next(sa["spi"] for sa in agents["alice"].group("video")["sas"] if sa["direction"] == "out")
-        stream = Stream(("127.0.0.1", listen), pps=1000)
-        for n, s in apps.items():
-            stream.collect(n, s)
-        stream.start()
-        time.sleep(1.0)
-        ctl.cli("member", "revoke", "eve")
-
-        def switched() -> int | None:
-            grp = agents["alice"].group("video")
-            outs = [sa["spi"] for sa in grp["sas"] if sa["direction"] == "out"] if grp else []
-            return stream.sent if outs and outs[0] != old_out else None
-        # every packet the app hands over from here on is sealed under the post-eviction SA
-        boundary = wait_for(switched, 10, "alice to send under the new SA", interval=0.01)
-        time.sleep(2.0)
-        stream.stop(settle=1.5)
+        stream, boundary = stream_through_eviction(ctl, agents, apps, listen, "alice", "eve")
         eve = agents["eve"].group("video")
         eve_spis = {sa["spi"] for sa in eve["sas"]} if eve else set()
         new_out = next(sa["spi"] for sa in agents["alice"].group("video")["sas"] if sa["direction"] == "out")
