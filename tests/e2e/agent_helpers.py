@@ -363,3 +363,15 @@ def stream_through_eviction(ctl: Controller, agents: dict[str, Agent], apps: dic
     time.sleep(2.0)
     stream.stop(settle=1.5)
     return stream, boundary
+
+
+def relay_pair(tmp_path: Path, ctl: Controller, port: int, bundles: dict[str, Any],
+               sender: str = "alice", receiver: str = "bob") -> tuple[dict[str, Agent], int, int]:
+    """A sender agent with a relay listening on a free port and a receiver agent delivering to
+    another free port, both for group "video". Returns (agents, listen port, deliver port)."""
+    listen, deliver = free_port(), free_port()
+    agents = {sender: Agent(tmp_path, sender, bundles[sender], f"127.0.0.1:{port}",
+                            [{"name": "video", "role": "sender", "relay_listen": f"127.0.0.1:{listen}"}]),
+              receiver: Agent(tmp_path, receiver, bundles[receiver], f"127.0.0.1:{port}",
+                              [{"name": "video", "role": "receiver", "relay_deliver": f"127.0.0.1:{deliver}"}])}
+    return agents, listen, deliver

@@ -29,6 +29,7 @@ from agent_helpers import (
     GroupDef,
     drain,
     free_port,
+    relay_pair,
     run_cli,
     send_paced,
     sniffer,
@@ -314,11 +315,7 @@ def test_a_revoked_senders_new_packets_are_rejected(tmp_path):
     ctl = Controller(tmp_path, [g], heartbeat=1.0)
     bundles = {"alice": ctl.add_member("alice", "video:sender"), "bob": ctl.add_member("bob", "video:receiver")}
     port = ctl.start()
-    listen, deliver = free_port(), free_port()
-    agents = {"alice": Agent(tmp_path, "alice", bundles["alice"], f"127.0.0.1:{port}",
-                             [{"name": "video", "role": "sender", "relay_listen": f"127.0.0.1:{listen}"}]),
-              "bob": Agent(tmp_path, "bob", bundles["bob"], f"127.0.0.1:{port}",
-                           [{"name": "video", "role": "receiver", "relay_deliver": f"127.0.0.1:{deliver}"}])}
+    agents, listen, deliver = relay_pair(tmp_path, ctl, port, bundles)
     app = udp_socket(("127.0.0.1", deliver))
     try:
         for a in agents.values():

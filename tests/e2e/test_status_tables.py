@@ -7,7 +7,15 @@ import json
 import re
 
 import pytest
-from agent_helpers import Agent, Controller, GroupDef, free_port, run_cli, send_paced, udp_socket, wait_for
+from agent_helpers import (
+    Controller,
+    GroupDef,
+    relay_pair,
+    run_cli,
+    send_paced,
+    udp_socket,
+    wait_for,
+)
 from rich.console import Console
 
 from agent.status import render
@@ -27,11 +35,7 @@ def world(tmp_path):
     bundles = {"alice": ctl.add_member("alice", "video:sender"), "bob": ctl.add_member("bob", "video:receiver"),
                "mallory": ctl.add_member("mallory", "video:receiver")}
     port = ctl.start()
-    listen, deliver = free_port(), free_port()
-    agents = {"alice": Agent(tmp_path, "alice", bundles["alice"], f"127.0.0.1:{port}",
-                             [{"name": "video", "role": "sender", "relay_listen": f"127.0.0.1:{listen}"}]),
-              "bob": Agent(tmp_path, "bob", bundles["bob"], f"127.0.0.1:{port}",
-                           [{"name": "video", "role": "receiver", "relay_deliver": f"127.0.0.1:{deliver}"}])}
+    agents, listen, deliver = relay_pair(tmp_path, ctl, port, bundles)
     app = udp_socket(("127.0.0.1", deliver))
     try:
         for a in agents.values():
