@@ -37,6 +37,16 @@ from groupsec.ipsec.suites import get_suite
 # --- static SAs ------------------------------------------------------------------------------
 
 
+def drain_count(sock: Any, buf: bytearray) -> int:
+    """Read a readable non-blocking socket dry into ``buf``; return how many datagrams it held."""
+    n = 0
+    while True:
+        try:
+            sock.recv_into(buf)
+        except BlockingIOError:
+            return n
+        n += 1
+
 def static_installs(dst: str, *, group: str = "static", port: int | None = 5004, encap_port: int | None = 4500,
                     suite: str = "aes-gcm-16-128", mode: str = "tunnel", protocol: str = "esp",
                     spi: int | None = None, enc_key: bytes | None = None, auth_key: bytes | None = None,
@@ -124,12 +134,7 @@ async def _bench_recv(spec: dict[str, Any]) -> None:
                 break
             if not count:
                 cpu0 = time.process_time()
-            while True:
-                try:
-                    sink.recv_into(buf)
-                except BlockingIOError:
-                    break
-                count += 1
+            count += drain_count(sink, buf)
             last = time.monotonic()
             cpu1 = time.process_time()
             if not first:

@@ -28,7 +28,7 @@ from dataclasses import replace
 from typing import Any
 
 from agent.datapath import sockets as so
-from agent.datapath.bench import install_from_json
+from agent.datapath.bench import drain_count, install_from_json
 from agent.datapath.xfrm import XfrmDatapath
 
 
@@ -77,12 +77,7 @@ def recv(spec: dict[str, Any]) -> None:
                 break
             if not count:
                 cpu0 = time.process_time()
-            while True:
-                try:
-                    app.recv_into(buf)
-                except BlockingIOError:
-                    break
-                count += 1
+            count += drain_count(app, buf)
             last = time.monotonic()
             cpu1 = time.process_time()
             if not first:
